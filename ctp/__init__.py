@@ -1,0 +1,31 @@
+"""ctp: compress a causal LM (prune + 4-bit), then win its quality back with a soft prompt.
+
+The public API is imported lazily so that ``import ctp`` stays fast and light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "compress": "ctp.compress.pipeline",
+    "CompressResult": "ctp.compress.pipeline",
+    "prune_": "ctp.compress.prune",
+    "perplexity": "ctp.evaluate.api",
+    "evaluate": "ctp.evaluate.api",
+    "load_compressed": "ctp.models",
+    "load_any": "ctp.models",
+    "CompressConfig": "ctp.config",
+    "EvalConfig": "ctp.config",
+    "CTPError": "ctp.errors",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'ctp' has no attribute {name!r}")

@@ -1,0 +1,264 @@
+"""The ``ctp`` command: a thin shell over the Python API.
+
+Each subcommand parses flags into the same config dataclass the API and recipes use, calls one
+public function, and prints a human summary on stderr (and, with ``--json``, one JSON object on
+stdout). A :class:`~ctp.errors.CTPError` becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .config import CompressConfig, EvalConfig, from_dict
+from .errors import CTPError
+
+log = logging.getLogger("ctp")
+
+# ---------------------------------------------------------------------------------------------
+# config dataclass -> argparse flags
+# ---------------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _scalar_type(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
+                     choices: dict[str, Sequence[str]] | None = None) -> None:
+    """One flag per config field (``--kebab-case``), help text from the field's metadata.
+
+    Flags default to ``None`` so that only what the user typed overrides a recipe or default.
+    Booleans get a ``--no-`` form.
+    """
+    hints = typing.get_type_hints(cls)
+    choices = choices or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f"{f.metadata.get('help', '')} (default: {default})"
+        kind = _scalar_type(hints[f.name])
+        if kind is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
+                                default=None, help=text)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(_flag(f.name), default=None, metavar="A,B,...", help=text,
+                                type=lambda s: [p for p in s.split(",") if p])
+        else:
+            parser.add_argument(_flag(f.name), type=kind, default=None, help=text,
+                                choices=choices.get(f.name))
+
+
+def config_from_flags(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None):
+    """Build ``cls`` from ``base`` (defaults or a recipe) overridden by the flags given."""
+    values = dict(base or {})
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    return from_dict(cls, values, where="arguments")
+
+
+# ---------------------------------------------------------------------------------------------
+# output helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _emit(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+
+
+def compression_summary(report: dict[str, Any], out: str | None) -> str:
+    """The human summary printed after ``ctp compress``."""
+    sp = report["sparsity"]
+    by_type = "  ".join(f"{k} {v:.1%}" for k, v in sp["by_type"].items())
+    mem = report["peak_memory"]
+    mem_text = f"peak RSS {_human_bytes(mem['cpu_peak_rss_bytes'])}"
+    if "gpu_peak_allocated_bytes" in mem:
+        mem_text += f", peak GPU {_human_bytes(mem['gpu_peak_allocated_bytes'])}"
+    lines = [
+        f"compressed {report['base_model']} ({report['label']})" + (f" -> {out}" if out else ""),
+        f"  sparsity     overall {sp['overall']:.2%}   {by_type}",
+        f"  bits/weight  {report['bits_per_weight']:.2f} (all parameters, scales included)",
+        f"  size         {_human_bytes(report['disk_bytes'])} on disk vs "
+        f"{_human_bytes(report['dense_bytes'])} dense "
+        f"({report['dense_bytes'] / max(1, report['disk_bytes']):.2f}x smaller)",
+        f"  time         {report['seconds']:.1f} s (pruning {report['prune_seconds']:.1f} s)   {mem_text}",
+    ]
+    if report.get("unquantized_modules"):
+        lines.append(f"  unquantized  {', '.join(report['unquantized_modules'])}")
+    return "\n".join(lines)
+
+
+def ppl_table(rows: list[tuple[str, dict[str, float]]]) -> str:
+    """A Markdown table: one row per model, one column per test set."""
+    sets = list(dict.fromkeys(k for _, r in rows for k in r))
+    head = "| model | " + " | ".join(f"ppl {s}" for s in sets) + " |"
+    sep = "|---|" + "---:|" * len(sets)
+    body = [f"| {name} | " + " | ".join(f"{r[s]:.3f}" if s in r else "" for s in sets) + " |"
+            for name, r in rows]
+    return "\n".join([head, sep, *body])
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .compress.pipeline import compress
+
+    config = config_from_flags(CompressConfig, args)
+    result = compress(args.model, config, args.out, overwrite=args.overwrite,
+                      progress=not args.no_progress)
+    print(compression_summary(result.report, args.out), file=sys.stderr)
+    _emit({"out": args.out, **result.report}, args.json)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate.api import evaluate
+
+    config = config_from_flags(EvalConfig, args)
+    result = evaluate(args.model, config, prompt=args.prompt, progress=not args.no_progress)
+    label = args.model + (f" + {args.prompt}" if args.prompt else "")
+    print(ppl_table([(label, result["ppl"])]), file=sys.stderr)
+    _emit(result, args.json)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.workdir, quick=args.quick, progress=not args.no_progress)
+    print(result["table"], file=sys.stderr)
+    _emit(result, args.json)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors reported as one line (exit 2), like every other ctp error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ctp",
+        description="Compress a causal LM (prune + 4-bit quantization), then recover its quality "
+                    "with a soft prompt. Every measuring command takes --json.",
+    )
+    parser.add_argument("--version", action="version", version=f"ctp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    p = sub.add_parser(
+        "compress", help="prune and quantize a model into a standard checkpoint folder",
+        description="Prune a causal LM (wanda or magnitude; unstructured or N:M), then quantize it "
+                    "with bitsandbytes (nf4/fp4/int8), and save a folder that "
+                    "AutoModelForCausalLM.from_pretrained loads without ctp.",
+    )
+    p.add_argument("model", help="hub id, local folder, or 'embedded' (the bundled small Llama)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_config_flags(p, CompressConfig, choices={
+        "prune": ("wanda", "magnitude", "none"), "quant": ("nf4", "fp4", "int8", "none"),
+        "device": ("auto", "cpu", "cuda"), "magnitude_scope": ("matrix", "row"),
+    })
+    common(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser(
+        "eval", help="perplexity of a (compressed) model, optionally with a prompt",
+        description="Perplexity with the GPTQ/SparseGPT/Wanda protocol: the test text joined with "
+                    "blank lines, tokenized once, cut into non-overlapping windows, "
+                    "exp(mean window NLL). A prompt's virtual positions are never scored.",
+    )
+    p.add_argument("model", help="model folder (dense or compressed), hub id, or 'embedded'")
+    p.add_argument("--prompt", help="prompt folder (PEFT prompt-tuning adapter) to prepend")
+    add_config_flags(p, EvalConfig, choices={"device": ("auto", "cpu", "cuda"),
+                                             "split": ("train", "validation", "test")})
+    common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "demo", help="the offline demo on the embedded model",
+        description="Compress the embedded model several ways and print test perplexity for each; "
+                    "runs offline on a CPU in a few minutes.",
+    )
+    p.add_argument("--workdir", default="ctp-demo", help="where models and results go; finished "
+                   "steps found there are reused (default: ctp-demo)")
+    p.add_argument("--quick", action="store_true", help="fewer calibration samples and windows")
+    common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "bitsandbytes", "datasets", "httpx", "urllib3",
+                  "huggingface_hub", "filelock", "peft"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    try:  # their per-file progress bars are noise next to ctp's own
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore", module="transformers")
+        warnings.filterwarnings("ignore", module="bitsandbytes")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ctp`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(getattr(args, "verbose", False))
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CTPError as exc:
+        print(f"ctp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ctp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The layer-by-layer calibration loop: capture inputs, run one decoder layer at a time.
+
+Only one layer's calibration activations (its inputs and outputs, ``2 x [nsamples, seqlen,
+hidden]``) are alive at once. When the work device differs from where the model lives (model on
+CPU, ``device="cuda"``), each decoder layer is moved to the device for its turn and back after,
+so GPU memory holds one layer plus activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import decoder_layers
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass at the first decoder layer."""
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples / lists / dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, ids: torch.Tensor, device: torch.device, progress: bool = True
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run the model up to its first decoder layer on each window and keep what that layer gets.
+
+    The model's own forward computes embeddings, rotary position embeddings and the attention
+    mask, so this works for every architecture in the adapter table.
+
+    Args:
+        ids: calibration token ids ``[nsamples, seqlen]``.
+    Returns:
+        hidden states ``[nsamples, seqlen, hidden]`` on ``device`` and the layer's keyword
+        arguments (same for every window: equal lengths, no padding), on ``device``.
+    """
+    first = decoder_layers(model)[0]
+    seen: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        seen["hidden"] = hidden
+        seen["kwargs"] = kwargs
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    embed_device = model.get_input_embeddings().weight.device
+    hidden_states = None
+    kwargs: dict[str, Any] = {}
+    try:
+        for i in tqdm(range(ids.shape[0]), desc="capturing calibration inputs", disable=not progress):
+            try:
+                model(input_ids=ids[i : i + 1].to(embed_device), use_cache=False)
+            except _Captured:
+                pass
+            hidden = seen["hidden"]
+            if hidden_states is None:
+                hidden_states = torch.empty(
+                    (ids.shape[0], *hidden.shape[1:]), dtype=hidden.dtype, device=device
+                )
+                kwargs = to_device(seen["kwargs"], device)
+            hidden_states[i] = hidden[0].to(device)
+    finally:
+        handle.remove()
+    kwargs.pop("use_cache", None)
+    return hidden_states, kwargs
+
+
+def layer_output(out: Any) -> torch.Tensor:
+    """A decoder layer's hidden-state output, whether it returns a tensor or a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_layer(
+    layer: nn.Module,
+    inputs: torch.Tensor,
+    kwargs: dict[str, Any],
+    batch_size: int,
+    outputs: torch.Tensor | None = None,
+) -> None:
+    """Run ``inputs`` ``[nsamples, seqlen, hidden]`` through ``layer`` in batches.
+
+    The captured keyword arguments have batch dimension 1 and broadcast over a batch. Outputs are
+    written into ``outputs`` when given (hooks on the layer see every batch either way).
+    """
+    for start in range(0, inputs.shape[0], batch_size):
+        out = layer_output(layer(inputs[start : start + batch_size], **kwargs))
+        if outputs is not None:
+            outputs[start : start + batch_size] = out
+
+
+def layer_by_layer(
+    model: nn.Module,
+    ids: torch.Tensor,
+    device: torch.device,
+    process: Callable[[int, nn.Module, Callable[[], None]], None],
+    batch_size: int = 8,
+    progress: bool = True,
+) -> None:
+    """Sequential calibration: for each decoder layer, call ``process(index, layer, run)``.
+
+    ``run()`` feeds every calibration window through the layer (so forward hooks ``process``
+    registers see them all). After ``process`` returns (having, e.g., pruned the layer), the
+    layer is run again to produce the next layer's inputs: layer ``i`` is calibrated on the
+    outputs of the already-processed layers ``< i``.
+    """
+    layers = decoder_layers(model)
+    inputs, kwargs = capture_layer_inputs(model, ids, device, progress)
+    outputs = torch.empty_like(inputs)
+    for index in tqdm(range(len(layers)), desc="layers", disable=not progress):
+        layer = layers[index]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        process(index, layer, lambda: run_layer(layer, inputs, kwargs, batch_size))
+        run_layer(layer, inputs, kwargs, batch_size, outputs)
+        layer.to(home)
+        inputs, outputs = outputs, inputs
+    del inputs, outputs

@@ -1,0 +1,230 @@
+"""``compress()``: load -> (calibrate) -> prune -> quantize -> save, with a report."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from .._io import atomic_dir, check_output_dir, write_json
+from ..config import CompressConfig, to_dict
+from ..data import calibration_ids, source_label
+from ..errors import CTPError
+from ..models import check_supported, decoder_layers, load_model, load_tokenizer, weights_fingerprint
+from .prune import check_prunable, decoder_linears, prune_, sparsity_of
+from .quantize import bnb_config, dense_weight, modules_to_skip, require_bnb
+
+log = logging.getLogger(__name__)
+
+COMPRESSION_FILE = "ctp_compression.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` produced: the compressed model in memory, its report, its folder."""
+
+    model: nn.Module
+    report: dict[str, Any]
+    out: Path | None
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; refuse cuda on a machine without it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CTPError("--device cuda was requested but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def _peak_memory(device: torch.device) -> dict[str, int]:
+    peak = {"cpu_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        peak["gpu_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return peak
+
+
+def _folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern))
+
+
+def _calibration(config: CompressConfig, model: nn.Module, tokenizer: Any,
+                 calibration: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    if config.prune != "wanda" or config.sparsity == 0.0:
+        return None, {}
+    if calibration is not None:
+        if calibration.dim() != 2 or calibration.dtype != torch.long:
+            raise CTPError("calibration must be a LongTensor [nsamples, seqlen] of token ids")
+        return calibration, {"source": "tensor", "nsamples": calibration.shape[0],
+                             "seqlen": calibration.shape[1], "seed": None}
+    if tokenizer is None:
+        raise CTPError("wanda pruning needs a tokenizer or a calibration tensor")
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    seqlen = config.seqlen or min(context, 2048)
+    if seqlen > context:
+        raise CTPError(f"calibration seqlen {seqlen} exceeds the model's context of {context}")
+    ids = calibration_ids(tokenizer, config.calib, config.nsamples, seqlen, config.seed)
+    return ids, {"source": source_label(config.calib), "nsamples": config.nsamples,
+                 "seqlen": seqlen, "seed": config.seed}
+
+
+def compress(
+    model: str | nn.Module,
+    config: CompressConfig | None = None,
+    out: str | Path | None = None,
+    *,
+    tokenizer: Any = None,
+    calibration: torch.Tensor | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CompressResult:
+    """Prune and quantize a causal LM; save it as a standard checkpoint when ``out`` is given.
+
+    Args:
+        model: hub id, local folder, ``"embedded"``, or a loaded model (pruned in place).
+        config: what to do (defaults: Wanda 50% unstructured, then NF4).
+        out: output folder, written atomically (temporary folder, then rename); ``None`` keeps
+            the result in memory only.
+        tokenizer: needed for calibration text and saved with the model; loaded from ``model``
+            when that is a name.
+        calibration: ready calibration token ids ``[nsamples, seqlen]`` (skips text sampling).
+        overwrite: replace an existing ``out``.
+    Returns:
+        the compressed model (4-bit bitsandbytes modules when quantized), a report (also
+        written to ``out/ctp_compression.json``) and the output path.
+    """
+    config = config or CompressConfig()
+    started = time.time()
+    if out is not None:
+        check_output_dir(out, overwrite)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if config.quant != "none":
+        require_bnb(device, config.quant)
+
+    if isinstance(model, str):
+        name = model
+        hf_config = check_supported(name, config.trust_remote_code)
+        stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        stored_dtype = _DTYPES.get(str(stored).replace("torch.", ""), torch.float16)
+        work_dtype = (_DTYPES[config.dtype] if config.dtype != "auto"
+                      else torch.float32 if device.type == "cpu" else stored_dtype)
+        model = load_model(name, dtype=work_dtype, device="cpu",
+                           trust_remote_code=config.trust_remote_code, revision=config.revision)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(name, config.trust_remote_code, config.revision)
+    else:
+        name = getattr(model.config, "_name_or_path", "") or "in-memory model"
+        decoder_layers(model)  # refuses unsupported architectures
+        stored_dtype = next(model.parameters()).dtype
+    model.eval()
+    check_prunable(model, config)
+    fingerprint = weights_fingerprint(model)
+    dense_params = sum(p.numel() for p in model.parameters())
+    dense_bytes = dense_params * torch.finfo(stored_dtype).bits // 8
+
+    ids, calib_record = _calibration(config, model, tokenizer, calibration)
+    prune_started = time.time()
+    prune_(model, config, ids, device, progress)
+    prune_seconds = time.time() - prune_started
+
+    compute_dtype = (_DTYPES[config.compute_dtype] if config.compute_dtype != "auto"
+                     else torch.bfloat16 if device.type == "cuda" else torch.float32)
+    staging_ctx = atomic_dir(out, overwrite) if out is not None else _scratch_dir()
+    with staging_ctx as staging:
+        model.to(stored_dtype)
+        if config.quant == "none":
+            model.save_pretrained(staging)
+            skipped: list[str] = []
+        else:
+            skipped = modules_to_skip(model, config.quant)
+            model = _quantize(model, staging, config, compute_dtype, stored_dtype, skipped, device)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        else:
+            log.warning("no tokenizer given: the checkpoint is saved without one")
+        weights = {n: dense_weight(m) for n, m in decoder_linears(model).items()}
+        achieved = sparsity_of(weights)
+        del weights
+        disk_bytes = _folder_bytes(staging)
+        report = {
+            "ctp_version": __version__,
+            "base_model": name,
+            "base_revision": config.revision or getattr(model.config, "_commit_hash", None),
+            "base_fingerprint": fingerprint,
+            "compression": to_dict(config),
+            "label": config.label(),
+            "calibration": calib_record,
+            "unquantized_modules": skipped,
+            "sparsity": achieved,
+            "parameters": dense_params,
+            "dense_bytes": dense_bytes,
+            "disk_bytes": disk_bytes,
+            "bits_per_weight": disk_bytes * 8 / dense_params,
+            "prune_seconds": round(prune_seconds, 3),
+            "seconds": round(time.time() - started, 3),
+            "peak_memory": _peak_memory(device),
+            "device": str(device),
+            "versions": _versions(),
+        }
+        write_json(Path(staging) / COMPRESSION_FILE, report)
+    return CompressResult(model=model, report=report, out=Path(out) if out is not None else None)
+
+
+def _quantize(model: nn.Module, staging: Path, config: CompressConfig, compute_dtype: torch.dtype,
+              stored_dtype: torch.dtype, skipped: list[str], device: torch.device) -> nn.Module:
+    """Save the pruned dense model, free it, reload it quantized and save that into ``staging``."""
+    from transformers import AutoModelForCausalLM
+
+    dense_dir = Path(tempfile.mkdtemp(prefix=".dense-", dir=staging.parent))
+    try:
+        model.save_pretrained(dense_dir)
+        model.to("meta")  # release the dense weights now, whoever still references the model
+        gc.collect()
+        quantized = AutoModelForCausalLM.from_pretrained(
+            dense_dir,
+            quantization_config=bnb_config(config.quant, config.double_quant, compute_dtype, skipped),
+            dtype=stored_dtype,
+            device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
+            trust_remote_code=config.trust_remote_code,
+        )
+    finally:
+        shutil.rmtree(dense_dir, ignore_errors=True)
+    quantized.eval()
+    quantized.save_pretrained(staging)
+    return quantized
+
+
+class _scratch_dir:
+    """A temporary folder removed on exit (in-memory compression still needs one to quantize)."""
+
+    def __enter__(self) -> Path:
+        self.path = Path(tempfile.mkdtemp(prefix="ctp-compress-"))
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "bitsandbytes", "peft"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

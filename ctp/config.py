@@ -1,0 +1,220 @@
+"""Typed configuration: one dataclass per command, shared by the CLI, recipes and the API.
+
+Every field has a default and a ``help`` string; checks that span fields live in
+``__post_init__`` and raise :class:`~ctp.errors.CTPError`. Configs convert to plain dicts
+(written next to every artifact) and back, with unknown keys and wrong types refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import CTPError
+
+PRUNE_METHODS = ("wanda", "magnitude", "none")
+QUANT_METHODS = ("nf4", "fp4", "int8", "none")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+T = TypeVar("T")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"N:M"`` -> (N, M) with 0 < N < M; anything else is an error."""
+    if pattern == "unstructured":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+    if not match:
+        raise CTPError(f"pattern must be 'unstructured' or N:M such as 2:4, got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise CTPError(f"N:M pattern needs 0 < N < M, got {pattern}")
+    return n, m
+
+
+@dataclass
+class CompressConfig:
+    """How to compress a model: prune (optionally), then quantize (optionally)."""
+
+    prune: str = field(default="wanda", metadata=_help("pruning metric: wanda, magnitude or none"))
+    sparsity: float | None = field(
+        default=None,
+        metadata=_help("fraction of each decoder Linear's weights set to zero, in [0, 1); "
+                       "default 0.5, or N/M for an N:M pattern"),
+    )
+    pattern: str = field(
+        default="unstructured",
+        metadata=_help("unstructured (per output row for wanda) or N:M: N zeros in every block "
+                       "of M consecutive input weights, e.g. 2:4"),
+    )
+    magnitude_scope: str = field(
+        default="matrix",
+        metadata=_help("magnitude pruning threshold: one per matrix (Wanda's baseline) or per row"),
+    )
+    quant: str = field(default="nf4", metadata=_help("quantization after pruning: nf4, fp4, int8 or none"))
+    double_quant: bool = field(default=False, metadata=_help("also quantize the 4-bit scales"))
+    compute_dtype: str = field(
+        default="auto",
+        metadata=_help("dtype 4-bit layers compute in: auto (bfloat16 on GPU, float32 on CPU), "
+                       "float32, float16, bfloat16"),
+    )
+    calib: str = field(default="c4", metadata=_help("calibration text: c4, wikitext2, ptb, embedded or a file"))
+    nsamples: int = field(default=128, metadata=_help("number of calibration windows"))
+    seqlen: int | None = field(
+        default=None, metadata=_help("calibration window length; default: the model's context, "
+                                     "at most 2048"),
+    )
+    seed: int = field(default=0, metadata=_help("seed for calibration sampling"))
+    device: str = field(
+        default="auto",
+        metadata=_help("where decoder layers are calibrated and pruned, one at a time: auto, cpu, cuda"),
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_help("dtype for pruning: auto (float32 on CPU, the checkpoint's on GPU), "
+                       "float32, float16, bfloat16"),
+    )
+    calib_batch_size: int = field(default=8, metadata=_help("calibration windows per layer forward"))
+    trust_remote_code: bool = field(default=False, metadata=_help("allow the model repo's own code"))
+    revision: str | None = field(default=None, metadata=_help("hub revision (branch, tag or commit)"))
+
+    def __post_init__(self) -> None:
+        if self.prune not in PRUNE_METHODS:
+            raise CTPError(f"unknown pruning method {self.prune!r}; choose from {', '.join(PRUNE_METHODS)}")
+        if self.quant not in QUANT_METHODS:
+            raise CTPError(f"unknown quantization {self.quant!r}; choose from {', '.join(QUANT_METHODS)}")
+        if self.magnitude_scope not in ("matrix", "row"):
+            raise CTPError(f"magnitude_scope must be matrix or row, got {self.magnitude_scope!r}")
+        if self.device not in DEVICES:
+            raise CTPError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+        for name in ("dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise CTPError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(DTYPES)}")
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            implied = nm[0] / nm[1]
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise CTPError(
+                    f"pattern {self.pattern} implies sparsity {implied:g}; got sparsity {self.sparsity:g}"
+                )
+            self.sparsity = implied
+        elif self.sparsity is None:
+            self.sparsity = 0.5
+        if not 0.0 <= self.sparsity < 1.0:
+            raise CTPError(f"sparsity must be in [0, 1), got {self.sparsity:g}")
+        if self.nsamples <= 0:
+            raise CTPError(f"nsamples must be positive, got {self.nsamples}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise CTPError(f"seqlen must be at least 2, got {self.seqlen}")
+        if self.calib_batch_size <= 0:
+            raise CTPError(f"calib_batch_size must be positive, got {self.calib_batch_size}")
+        if self.prune == "none":
+            self.sparsity = 0.0
+            self.pattern = "unstructured"
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M pattern, else None."""
+        return parse_pattern(self.pattern)
+
+    def label(self) -> str:
+        """A short human name, e.g. ``wanda-50%+nf4`` or ``wanda-2:4+nf4``."""
+        parts = []
+        if self.prune != "none":
+            amount = self.pattern if self.nm else f"{self.sparsity * 100:g}%"
+            parts.append(f"{self.prune}-{amount}")
+        if self.quant != "none":
+            parts.append(self.quant + ("-dq" if self.double_quant else ""))
+        return "+".join(parts) or "dense"
+
+
+@dataclass
+class EvalConfig:
+    """How to measure perplexity."""
+
+    ppl: list[str] = field(
+        default_factory=lambda: ["wikitext2"],
+        metadata=_help("test sets: wikitext2, ptb, c4, embedded or .txt/.jsonl files"),
+    )
+    seqlen: int | None = field(
+        default=None, metadata=_help("window length; default: the model's context (at most 4096) "
+                                     "less the prompt's virtual tokens"),
+    )
+    split: str = field(default="test", metadata=_help("which split of named corpora to score"))
+    batch_size: int = field(default=1, metadata=_help("windows per forward pass"))
+    max_windows: int | None = field(default=None, metadata=_help("score at most this many windows"))
+    device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
+    trust_remote_code: bool = field(default=False, metadata=_help("allow the model repo's own code"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ppl, str):
+            self.ppl = [s for s in self.ppl.split(",") if s]
+        if not self.ppl:
+            raise CTPError("give at least one perplexity test set")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise CTPError(f"seqlen must be at least 2, got {self.seqlen}")
+        if self.split not in ("train", "validation", "test"):
+            raise CTPError(f"split must be train, validation or test, got {self.split!r}")
+        if self.batch_size <= 0:
+            raise CTPError(f"batch_size must be positive, got {self.batch_size}")
+        if self.max_windows is not None and self.max_windows <= 0:
+            raise CTPError(f"max_windows must be positive, got {self.max_windows}")
+        if self.device not in DEVICES:
+            raise CTPError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+# ---------------------------------------------------------------------------------------------
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config as a plain, JSON-ready dict."""
+    return dataclasses.asdict(config)
+
+
+def _check_type(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(_check_type(v, inner) for v in value)
+    if annotation is Any:
+        return True
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build ``cls`` from a dict, refusing unknown keys and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise CTPError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            raise CTPError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
+        if cls is EvalConfig and key == "ppl" and isinstance(value, str):
+            continue
+        if not _check_type(value, hints[key]):
+            raise CTPError(f"{where}: {key!r} must be {_type_name(hints[key])}, got {value!r}")
+    return cls(**data)
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")

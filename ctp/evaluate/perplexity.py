@@ -1,0 +1,141 @@
+"""Perplexity with the GPTQ / SparseGPT / Wanda protocol, optionally behind a soft prompt.
+
+Protocol: tokenize the joined test text once, cut it into ``floor(N / seqlen)`` non-overlapping
+windows, score each window as its own sequence, and report
+``exp(mean over windows of the window's mean next-token NLL)``.
+
+With a prompt, the same ``n`` virtual token embeddings are prepended to every window. Their
+positions are never scored, and exactly the ``seqlen - 1`` targets of each window that are scored
+without a prompt are scored with it: the prompt does not earn a prediction of the window's first
+token. (Averaging over virtual positions, as the paper's code does, would report
+``ppl ** ((L - 1) / (L + n - 1))`` -- a gain that is not real.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import CTPError
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """One perplexity measurement: ``ppl = exp(nll)``."""
+
+    ppl: float
+    nll: float  # mean next-token negative log-likelihood, nats
+    windows: int
+    seqlen: int
+    tokens_scored: int
+    virtual_tokens: int = 0
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The model's maximum sequence length from its config, if it states one."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def default_seqlen(model: nn.Module, virtual_tokens: int = 0, cap: int = 4096) -> int:
+    """The window length the published tables use: the model's context (capped), less the prompt."""
+    context = model_context(model) or 2048
+    return min(context, cap) - virtual_tokens
+
+
+def windows_of(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Cut 1-D ``ids`` into ``[floor(N / seqlen), seqlen]`` non-overlapping windows."""
+    count = ids.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise CTPError(f"the text has {ids.numel()} tokens, too short for one window of {seqlen}")
+    return ids[: count * seqlen].view(count, seqlen)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def window_nlls(
+    model: nn.Module,
+    windows: torch.Tensor,
+    prompt: torch.Tensor | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> torch.Tensor:
+    """Mean next-token NLL of each window (float64 ``[windows]``), prompt positions unscored.
+
+    Args:
+        model: a causal LM (dense or 4-bit) whose ``forward`` accepts ``inputs_embeds``.
+        windows: LongTensor ``[count, seqlen]``.
+        prompt: optional soft prompt ``[n, hidden]``, prepended to every window.
+    """
+    device = _input_device(model)
+    embed = model.get_input_embeddings()
+    n = 0 if prompt is None else prompt.shape[0]
+    context = model_context(model)
+    if context is not None and windows.shape[1] + n > context:
+        raise CTPError(
+            f"window of {windows.shape[1]} tokens plus {n} virtual tokens exceeds the model's "
+            f"context of {context}"
+        )
+    if prompt is not None and prompt.shape[-1] != embed.weight.shape[1]:
+        raise CTPError(
+            f"prompt hidden size {prompt.shape[-1]} differs from the model's "
+            f"{embed.weight.shape[1]}"
+        )
+    out = []
+    batches = range(0, windows.shape[0], batch_size)
+    for start in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        ids = windows[start : start + batch_size].to(device)
+        if prompt is None:
+            logits = model(input_ids=ids, use_cache=False).logits
+        else:
+            tok = embed(ids)
+            virt = prompt.to(device=device, dtype=tok.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)
+            logits = model(inputs_embeds=torch.cat([virt, tok], dim=1), use_cache=False).logits
+            logits = logits[:, n:]
+        nll = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            ids[:, 1:].reshape(-1),
+            reduction="none",
+        ).view(ids.shape[0], -1)
+        out.append(nll.mean(dim=1).double().cpu())
+    return torch.cat(out)
+
+
+def perplexity_of_ids(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seqlen: int,
+    prompt: torch.Tensor | None = None,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> PerplexityResult:
+    """Perplexity of 1-D token ``ids`` under the protocol in this module's docstring."""
+    if seqlen < 2:
+        raise CTPError(f"seqlen must be at least 2, got {seqlen}")
+    windows = windows_of(ids, seqlen, max_windows)
+    nll = window_nlls(model, windows, prompt, batch_size, progress, desc).mean().item()
+    return PerplexityResult(
+        ppl=math.exp(nll),
+        nll=nll,
+        windows=windows.shape[0],
+        seqlen=seqlen,
+        tokens_scored=windows.shape[0] * (seqlen - 1),
+        virtual_tokens=0 if prompt is None else prompt.shape[0],
+    )

@@ -1,0 +1,201 @@
+"""Loading models and tokenizers, fingerprints, and the architecture adapter table.
+
+The adapter table is the only place that knows where an architecture keeps its decoder layers.
+Everything else (embeddings, rotary position embeddings, attention masks) is found at run time:
+the calibration loop runs the model's own forward up to the first decoder layer and captures the
+keyword arguments that layer receives, so no per-family code is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CTPError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "embedded-llama"
+EMBEDDED_NAME = "embedded"
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where one architecture keeps its list of decoder layers (dotted attribute path)."""
+
+    layers: str
+
+
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("model.layers"),
+    "mistral": Arch("model.layers"),
+    "qwen2": Arch("model.layers"),
+    "qwen3": Arch("model.layers"),
+    "gemma": Arch("model.layers"),
+    "phi": Arch("model.layers"),
+    "phi3": Arch("model.layers"),
+    "opt": Arch("model.decoder.layers"),
+    "gpt_neox": Arch("gpt_neox.layers"),
+}
+
+
+def arch_of(model: nn.Module) -> Arch:
+    """The adapter-table row for ``model``; a CTPError naming the architecture if absent."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHS:
+        raise CTPError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHS))}"
+        )
+    return ARCHS[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers, found through the adapter table."""
+    obj: Any = model
+    for part in arch_of(model).layers.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve_model(name: str) -> str:
+    """Map the short name ``embedded`` to the bundled model; pass anything else through."""
+    return str(EMBEDDED_MODEL_DIR) if name == EMBEDDED_NAME else name
+
+
+def _read_config(name: str, trust_remote_code: bool, revision: str | None = None) -> Any:
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path / "config.json").exists():
+        raise CTPError(f"model folder {name} not found or has no config.json")
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision,
+                                          trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise CTPError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise CTPError(f"cannot read the configuration of {name!r}: {exc}") from None
+
+
+def check_supported(name: str, trust_remote_code: bool = False) -> Any:
+    """Read the model's config and refuse unsupported architectures before loading weights."""
+    config = _read_config(resolve_model(name), trust_remote_code)
+    if getattr(config, "model_type", None) not in ARCHS:
+        raise CTPError(
+            f"unsupported architecture {config.model_type!r} in {name}; "
+            f"supported: {', '.join(sorted(ARCHS))}"
+        )
+    return config
+
+
+def load_model(
+    name: str,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> nn.Module:
+    """Load a dense causal LM in ``dtype`` onto ``device``, in eval mode.
+
+    ``name`` is a hub id, a local folder, or ``embedded``. A compressed (bitsandbytes) folder
+    is loaded by :func:`load_compressed` instead.
+    """
+    from transformers import AutoModelForCausalLM
+
+    name = resolve_model(name)
+    check_supported(name, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+            low_cpu_mem_usage=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise CTPError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None):
+    """Load the tokenizer that belongs to ``name`` (hub id, folder, or ``embedded``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(name), revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CTPError(f"cannot load the tokenizer of {name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint folder was saved with a bitsandbytes quantization config."""
+    config = Path(path) / "config.json"
+    return config.exists() and "quantization_config" in json.loads(config.read_text())
+
+
+def load_any(
+    name: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a dense model or a compressed ctp checkpoint for inference, on ``device``.
+
+    Dense models on the CPU default to float32 (CPU half-precision matmuls are slow); 4-bit
+    checkpoints keep their stored compute dtype.
+    """
+    from transformers import AutoModelForCausalLM
+
+    name = resolve_model(name)
+    check_supported(name, trust_remote_code)
+    device = torch.device(device)
+    if not is_quantized_dir(name):
+        if dtype is None and device.type == "cpu":
+            dtype = torch.float32
+        return load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    from .compress.quantize import require_bnb
+
+    require_bnb(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, device_map={"": str(device) if device.type != "cuda" else (device.index or 0)},
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise CTPError(f"cannot load compressed model {name!r}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+load_compressed = load_any
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short, dtype-independent hash of a dense model's parameters.
+
+    Hashes each parameter's name, shape and a strided sample of up to 65,536 of its values in
+    float32, so it is fast on 70B models and equal for fp16/bf16/fp32 loads of the same weights.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not torch.is_floating_point(tensor):
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 65536)
+        sample = flat[::step][:65536].to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of a tokenizer's vocabulary (token -> id mapping)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
