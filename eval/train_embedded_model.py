@@ -54,6 +54,38 @@ def train_tokenizer(train_file: Path, vocab_size: int):
     )
 
 
+TRAIN_PPL_NOTE = ("train = 400 windows spread evenly over the whole train split; "
+                  "validation/test = every window of the split")
+
+
+def measure(model, ids: dict, context: int) -> dict:
+    """Perplexity on train (400 evenly spread windows), validation and test (whole splits)."""
+    ppl = {}
+    for split in ("train", "validation", "test"):
+        split_ids = ids[split]
+        if split == "train":
+            windows = split_ids[: split_ids.numel() // context * context].view(-1, context)
+            pick = torch.linspace(0, windows.shape[0] - 1, 400).long()
+            split_ids = windows[pick].reshape(-1)
+        ppl[split] = round(perplexity_of_ids(model, split_ids, context).ppl, 4)
+    print("perplexity", ppl, flush=True)
+    return ppl
+
+
+def eval_only(out: Path) -> None:
+    """Re-measure a trained model in ``out`` and update its training.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    corpus = embedded_corpus_dir()
+    ids = {s: tokenize(tokenizer, (corpus / f"{s}.txt").read_text()) for s in ("train", "validation", "test")}
+    record = json.loads((out / "training.json").read_text())
+    record["perplexity"] = measure(model, ids, model.config.max_position_embeddings)
+    record["perplexity_note"] = TRAIN_PPL_NOTE
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="ctp/assets/embedded-llama")
@@ -70,7 +102,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-only", action="store_true",
+                   help="re-measure the model already in --out and update its training.json")
     args = p.parse_args()
+    if args.eval_only:
+        torch.set_num_threads(args.threads)
+        eval_only(Path(args.out))
+        return
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -135,11 +173,7 @@ def main() -> None:
 
     model.eval()
     model = model.half().float()  # score exactly the weights that are committed (fp16)
-    ppl = {}
-    for split in ("train", "validation", "test"):
-        split_ids = ids[split][: 400 * args.context] if split == "train" else ids[split]
-        ppl[split] = round(perplexity_of_ids(model, split_ids, args.context).ppl, 4)
-    print("perplexity", ppl, flush=True)
+    ppl = measure(model, ids, args.context)
 
     out = Path(args.out)
     tmp = Path(tempfile.mkdtemp(prefix=".embedded-", dir=out.parent if out.parent.exists() else None))
@@ -157,11 +191,13 @@ def main() -> None:
         "final_train_loss_25_steps": round(sum(losses[-25:]) / 25, 4),
         "perplexity_seqlen": args.context,
         "perplexity": ppl,
-        "perplexity_note": "train = first 400 windows of the train split; validation/test = whole splits",
+        "perplexity_note": TRAIN_PPL_NOTE,
         "corpus": corpus_info,
         "torch": torch.__version__,
     }
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    for path in [tmp, *tmp.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)

@@ -139,18 +139,16 @@ def compress(
     prune_started = time.time()
     prune_(model, config, ids, device, progress)
     prune_seconds = time.time() - prune_started
+    pruned = sparsity_of({n: m.weight.detach() for n, m in decoder_linears(model).items()})
+    pruned.pop("by_matrix")
 
     compute_dtype = (_DTYPES[config.compute_dtype] if config.compute_dtype != "auto"
                      else torch.bfloat16 if device.type == "cuda" else torch.float32)
     staging_ctx = atomic_dir(out, overwrite) if out is not None else _scratch_dir()
     with staging_ctx as staging:
         model.to(stored_dtype)
-        if config.quant == "none":
-            model.save_pretrained(staging)
-            skipped: list[str] = []
-        else:
-            skipped = modules_to_skip(model, config.quant)
-            model = _quantize(model, staging, config, compute_dtype, stored_dtype, skipped, device)
+        skipped = modules_to_skip(model, config.quant) if config.quant != "none" else []
+        model = _save_and_reload(model, staging, config, compute_dtype, stored_dtype, skipped, device)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         else:
@@ -168,7 +166,8 @@ def compress(
             "label": config.label(),
             "calibration": calib_record,
             "unquantized_modules": skipped,
-            "sparsity": achieved,
+            "sparsity_after_pruning": pruned,
+            "sparsity": achieved,  # of the stored weights: quantization may round more to zero
             "parameters": dense_params,
             "dense_bytes": dense_bytes,
             "disk_bytes": disk_bytes,
@@ -183,28 +182,38 @@ def compress(
     return CompressResult(model=model, report=report, out=Path(out) if out is not None else None)
 
 
-def _quantize(model: nn.Module, staging: Path, config: CompressConfig, compute_dtype: torch.dtype,
-              stored_dtype: torch.dtype, skipped: list[str], device: torch.device) -> nn.Module:
-    """Save the pruned dense model, free it, reload it quantized and save that into ``staging``."""
+def _save_and_reload(model: nn.Module, staging: Path, config: CompressConfig,
+                     compute_dtype: torch.dtype, stored_dtype: torch.dtype, skipped: list[str],
+                     device: torch.device) -> nn.Module:
+    """Save the pruned dense model, free it, and reload it (quantized when asked) from disk.
+
+    The returned model is exactly what a user gets from ``from_pretrained(out)``: quantization
+    goes through transformers' own bitsandbytes path, and buffers that are not saved (rotary
+    frequencies) are rebuilt rather than kept in the pruning dtype.
+    """
     from transformers import AutoModelForCausalLM
 
-    dense_dir = Path(tempfile.mkdtemp(prefix=".dense-", dir=staging.parent))
+    quantized = config.quant != "none"
+    source = Path(tempfile.mkdtemp(prefix=".dense-", dir=staging.parent)) if quantized else staging
     try:
-        model.save_pretrained(dense_dir)
+        model.save_pretrained(source)
         model.to("meta")  # release the dense weights now, whoever still references the model
         gc.collect()
-        quantized = AutoModelForCausalLM.from_pretrained(
-            dense_dir,
-            quantization_config=bnb_config(config.quant, config.double_quant, compute_dtype, skipped),
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            source,
+            quantization_config=(bnb_config(config.quant, config.double_quant, compute_dtype, skipped)
+                                 if quantized else None),
             dtype=stored_dtype,
             device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
             trust_remote_code=config.trust_remote_code,
         )
     finally:
-        shutil.rmtree(dense_dir, ignore_errors=True)
-    quantized.eval()
-    quantized.save_pretrained(staging)
-    return quantized
+        if quantized:
+            shutil.rmtree(source, ignore_errors=True)
+    reloaded.eval()
+    if quantized:
+        reloaded.save_pretrained(staging)
+    return reloaded
 
 
 class _scratch_dir:

@@ -20,8 +20,10 @@ from ..errors import CTPError
 
 log = logging.getLogger(__name__)
 
-# bitsandbytes' packed CPU kernel for 4-bit inference needs out_features divisible by this.
-CPU_4BIT_BLOCK = 32
+# bitsandbytes' packed CPU kernel for 4-bit inference needs out_features divisible by 32 and
+# in_features divisible by the quantization block size (64).
+CPU_4BIT_OUT_BLOCK = 32
+BNB_4BIT_BLOCKSIZE = 64
 
 
 @contextmanager
@@ -67,17 +69,18 @@ def require_bnb(device: torch.device | str, quant: str = "nf4") -> None:
 
 def modules_to_skip(model: nn.Module, quant: str) -> list[str]:
     """Modules left unquantized: the output head, and (4-bit) Linears bitsandbytes' CPU path
-    cannot run (out_features not divisible by 32), each with a warning."""
+    cannot run (out_features not divisible by 32 or in_features by 64), each with a warning."""
     skip = []
     head = model.get_output_embeddings()
     for name, module in model.named_modules():
         if module is head:
             skip.append(name)
         elif (quant in ("nf4", "fp4") and isinstance(module, nn.Linear)
-              and module.out_features % CPU_4BIT_BLOCK):
+              and (module.out_features % CPU_4BIT_OUT_BLOCK or module.in_features % BNB_4BIT_BLOCKSIZE)):
             log.warning(
-                "leaving %s unquantized: out_features %d is not divisible by %d, which "
-                "bitsandbytes' CPU 4-bit kernel requires", name, module.out_features, CPU_4BIT_BLOCK,
+                "leaving %s unquantized: its shape %dx%d is not a multiple of %dx%d, which "
+                "bitsandbytes' CPU 4-bit kernel requires", name, module.out_features,
+                module.in_features, CPU_4BIT_OUT_BLOCK, BNB_4BIT_BLOCKSIZE,
             )
             skip.append(name)
     return skip

@@ -1,0 +1,111 @@
+"""The offline demo: compress the embedded model several ways and measure each on its test split.
+
+``compare()`` is also what the benchmark scripts in ``eval/`` call, so the README's tables and
+the demo come from one code path. Finished models found in the work folder (same config) are
+reused, so an interrupted run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ._io import write_json
+from .compress.pipeline import COMPRESSION_FILE, compress
+from .config import CompressConfig, EvalConfig, to_dict
+from .evaluate.api import evaluate
+from .models import EMBEDDED_NAME
+
+log = logging.getLogger(__name__)
+
+# Calibration for the embedded model: 128 windows of its full 512-token context.
+EMBEDDED_CALIB = dict(calib="embedded", nsamples=128, seqlen=512, seed=0)
+
+DEMO_TARGETS: list[CompressConfig] = [
+    CompressConfig(prune="none", quant="nf4", **EMBEDDED_CALIB),
+    CompressConfig(prune="magnitude", sparsity=0.5, quant="nf4", **EMBEDDED_CALIB),
+    CompressConfig(prune="wanda", sparsity=0.5, quant="nf4", **EMBEDDED_CALIB),
+    CompressConfig(prune="wanda", pattern="2:4", quant="nf4", **EMBEDDED_CALIB),
+]
+
+
+def slug(config: CompressConfig) -> str:
+    """A folder-safe name for a config's label, e.g. ``wanda-50pct+nf4``."""
+    return re.sub(r"[^A-Za-z0-9+._-]", "-", config.label().replace("%", "pct").replace(":", "of"))
+
+
+def _is_complete(folder: Path, config: CompressConfig) -> bool:
+    meta = folder / COMPRESSION_FILE
+    return meta.exists() and json.loads(meta.read_text()).get("compression") == to_dict(config)
+
+
+def compare(
+    model: str,
+    targets: list[CompressConfig],
+    workdir: str | Path,
+    eval_config: EvalConfig,
+    include_dense: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Compress ``model`` once per target into ``workdir/models`` and measure each.
+
+    Returns one row per model (dense first): label, folder, perplexities, and for compressed
+    models their achieved sparsity, bits per weight and compression time.
+    """
+    workdir = Path(workdir)
+    rows = []
+    if include_dense:
+        result = evaluate(model, eval_config, progress=progress)
+        rows.append({"label": "dense", "model": model, "ppl": result["ppl"]})
+    for config in targets:
+        folder = workdir / "models" / slug(config)
+        if _is_complete(folder, config):
+            log.info("reusing %s", folder)
+            report = json.loads((folder / COMPRESSION_FILE).read_text())
+        else:
+            log.info("compressing %s -> %s", config.label(), folder)
+            report = compress(model, config, folder, overwrite=True, progress=progress).report
+        result = evaluate(str(folder), eval_config, progress=progress)
+        rows.append({
+            "label": config.label(), "model": str(folder), "ppl": result["ppl"],
+            "sparsity": report["sparsity"]["overall"], "bits_per_weight": report["bits_per_weight"],
+            "compress_seconds": report["seconds"],
+        })
+    return rows
+
+
+def rows_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: test perplexity per model, and its change against the dense row."""
+    sets = list(rows[0]["ppl"])
+    dense = rows[0]["ppl"] if rows[0]["label"] == "dense" else None
+    head = ["model", "sparsity", "bits/weight", *(f"ppl {s}" for s in sets)]
+    if dense:
+        head += [f"vs dense ({s})" for s in sets]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        cells = [r["label"], f"{r['sparsity']:.1%}" if "sparsity" in r else "0%",
+                 f"{r['bits_per_weight']:.2f}" if "bits_per_weight" in r else "16 (fp16)"]
+        cells += [f"{r['ppl'][s]:.3f}" for s in sets]
+        if dense:
+            cells += [f"{(r['ppl'][s] / dense[s] - 1) * 100:+.1f}%" for s in sets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_demo(workdir: str | Path = "ctp-demo", quick: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Compress the embedded model four ways, measure test perplexity, write ``results.json``."""
+    targets = DEMO_TARGETS
+    eval_config = EvalConfig(ppl=["embedded"], device="cpu")
+    if quick:
+        targets = [replace(t, nsamples=16) for t in targets[:3:2]]
+        eval_config = EvalConfig(ppl=["embedded"], device="cpu", max_windows=40)
+    rows = compare(EMBEDDED_NAME, targets, workdir, eval_config, progress=progress)
+    table = rows_table(rows)
+    result = {"rows": rows, "table": table, "split": "test"}
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(workdir) / "results.json", result)
+    return result

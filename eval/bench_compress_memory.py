@@ -1,0 +1,108 @@
+"""Time and memory of `ctp compress` (Wanda 50% + nf4) on a random Llama-shaped model.
+
+    python eval/bench_compress_memory.py              # ~134M parameters, a few minutes on 2 cores
+
+Builds a random Llama (hidden 768, 12 layers, intermediate 2048, vocab 32000: 134M parameters)
+saved in fp16 like a real checkpoint, then measures, each in a fresh process in this environment:
+
+1. the baseline: importing transformers and loading that model in fp32 (peak RSS);
+2. `ctp compress MODEL --prune wanda --sparsity 0.5 --quant nf4` on the CPU (wall time, peak RSS).
+
+Reports peak RSS of (2) relative to (1) -- the goal is at most 1.3x -- and relative to the model's
+fp32 size in bytes. Writes eval/results/bench_compress_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASELINE = """
+import resource, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def make_model(folder: Path, hidden: int, layers: int, intermediate: int, vocab: int) -> int:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                         num_key_value_heads=hidden // 64, max_position_embeddings=2048)
+    model = LlamaForCausalLM(config).half()
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(REPO / "ctp" / "assets" / "embedded-llama").save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--intermediate", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--out", default=str(REPO / "eval" / "results" / "bench_compress_memory.json"))
+    args = p.parse_args()
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        params = make_model(model_dir, args.hidden, args.layers, args.intermediate, args.vocab)
+        fp32_bytes = params * 4
+
+        base = subprocess.run([sys.executable, "-c", BASELINE, str(model_dir)], capture_output=True,
+                              text=True, env=env, check=True)
+        baseline_rss = int(base.stdout.strip().splitlines()[-1])
+
+        started = time.time()
+        proc = subprocess.run(
+            [sys.executable, "-m", "ctp.cli", "compress", str(model_dir), "--out", str(Path(tmp) / "out"),
+             "--prune", "wanda", "--sparsity", "0.5", "--quant", "nf4", "--calib", "embedded",
+             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu",
+             "--json", "--no-progress"],
+            capture_output=True, text=True, env=env,
+        )
+        wall = time.time() - started
+        if proc.returncode:
+            sys.exit(proc.stderr)
+        report = json.loads(proc.stdout)
+        compress_rss = report["peak_memory"]["cpu_peak_rss_bytes"]
+
+    result = {
+        "parameters": params,
+        "fp32_bytes": fp32_bytes,
+        "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen},
+        "baseline_fp32_load_peak_rss_bytes": baseline_rss,
+        "compress_peak_rss_bytes": compress_rss,
+        "compress_rss_over_baseline": round(compress_rss / baseline_rss, 3),
+        "compress_rss_over_fp32_size": round(compress_rss / fp32_bytes, 3),
+        "baseline_rss_over_fp32_size": round(baseline_rss / fp32_bytes, 3),
+        "compress_wall_seconds": round(wall, 1),
+        "compress_internal_seconds": report["seconds"],
+        "prune_seconds": report["prune_seconds"],
+        "sparsity": report["sparsity"]["overall"],
+        "bits_per_weight": report["bits_per_weight"],
+        "cpu_count": os.cpu_count(),
+        "machine_peak_rss_this_driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    print(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

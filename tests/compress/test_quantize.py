@@ -1,0 +1,90 @@
+"""Quantization after pruning: zeros survive, odd sizes are handled, checkpoints reload alone."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import calib_ids, tiny_model
+from ctp.compress.pipeline import compress
+from ctp.compress.prune import decoder_linears
+from ctp.compress.quantize import dense_weight
+from ctp.config import CompressConfig
+
+
+@pytest.mark.parametrize("quant,double_quant", [("nf4", False), ("nf4", True), ("fp4", False), ("int8", False)])
+def test_pruned_zeros_survive_quantization(tmp_path, quant, double_quant):
+    model = tiny_model("llama")
+    # the naive magnitude mask, computed here from the original weights
+    expected = {}
+    for name, lin in decoder_linears(model).items():
+        w = lin.weight.detach().half().float().abs()  # saved in fp16 before quantizing
+        k = int(w.numel() * 0.5)
+        flat = torch.zeros(w.numel(), dtype=torch.bool)
+        flat[torch.sort(w.flatten(), stable=True).indices[:k]] = True
+        expected[name] = flat.view_as(w)
+    model.half()
+    config = CompressConfig(prune="magnitude", sparsity=0.5, quant=quant, double_quant=double_quant)
+    result = compress(model, config, tmp_path / "out", progress=False)
+    for name, module in decoder_linears(result.model).items():
+        w = dense_weight(module)
+        assert torch.equal(w == 0, expected[name]), name
+        assert w[~expected[name]].abs().min() > 0
+    assert result.report["sparsity"]["overall"] == 0.5
+
+
+def test_layers_bitsandbytes_cannot_run_on_cpu_stay_unquantized(tmp_path, caplog):
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=80,
+                            num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(config).eval()
+    result = compress(model, CompressConfig(prune="magnitude", quant="nf4"), tmp_path / "out", progress=False)
+    skipped = result.report["unquantized_modules"]
+    assert "model.layers.0.mlp.gate_proj" in skipped and "model.layers.0.mlp.up_proj" in skipped
+    assert "model.layers.0.mlp.down_proj" in skipped  # in_features 80 is not a multiple of 64
+    assert "model.layers.0.self_attn.q_proj" not in skipped
+    assert "not a multiple of 32x64" in caplog.text
+    with torch.no_grad():  # inference on CPU must not crash
+        out = result.model(input_ids=calib_ids(1, 16)).logits
+    assert torch.isfinite(out).all()
+
+
+RELOAD = """
+import sys, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+assert not any(m == "ctp" or m.startswith("ctp.") for m in sys.modules), "ctp was imported"
+save_file({"logits": logits.float().contiguous()}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
+def test_fresh_process_reload_without_ctp_gives_identical_logits(tmp_path, quant):
+    from safetensors.torch import load_file
+
+    model = tiny_model("llama").half()
+    ids = calib_ids(4, 32)
+    result = compress(model, CompressConfig(prune="wanda", quant=quant), tmp_path / "out",
+                      calibration=ids, progress=False)
+    probe = calib_ids(2, 24, seed=1)
+    with torch.no_grad():
+        expected = result.model(input_ids=probe).logits.float()
+    torch.save(probe, tmp_path / "ids.pt")
+    script = tmp_path / "reload.py"
+    script.write_text(RELOAD)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.safetensors")], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    assert torch.equal(got, expected)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert ("quantization_config" in config) == (quant != "none")

@@ -1,0 +1,65 @@
+"""Perplexity equals a naive loop written here, with and without a soft prompt."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import calib_ids, tiny_model
+from ctp.errors import CTPError
+from ctp.evaluate.perplexity import perplexity_of_ids, windows_of
+
+
+def naive_ppl(model, ids, seqlen, prompt=None):
+    """exp of the mean over windows of each window's mean next-token NLL, one token at a time."""
+    window_means = []
+    for w in range(ids.numel() // seqlen):
+        window = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0)
+        with torch.no_grad():
+            if prompt is None:
+                logits = model(input_ids=window).logits[0]
+                offset = 0
+            else:
+                emb = model.get_input_embeddings()(window)
+                logits = model(inputs_embeds=torch.cat([prompt.unsqueeze(0), emb], 1)).logits[0]
+                offset = prompt.shape[0]
+        total = 0.0
+        for t in range(1, seqlen):  # predict token t from position offset + t - 1
+            logp = torch.log_softmax(logits[offset + t - 1].double(), dim=-1)
+            total -= logp[window[0, t]].item()
+        window_means.append(total / (seqlen - 1))
+    return math.exp(sum(window_means) / len(window_means))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_matches_naive_loop(arch):
+    model = tiny_model(arch)
+    ids = calib_ids(1, 200, seed=3).flatten()
+    got = perplexity_of_ids(model, ids, seqlen=48, batch_size=3)
+    assert got.windows == 4 and got.tokens_scored == 4 * 47  # the tail of 8 tokens is dropped
+    assert got.ppl == pytest.approx(naive_ppl(model, ids, 48), rel=1e-5)
+
+
+def test_prompt_positions_are_not_scored_and_targets_are_the_same():
+    model = tiny_model("llama")
+    ids = calib_ids(1, 130, seed=4).flatten()
+    prompt = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.1
+    got = perplexity_of_ids(model, ids, seqlen=64, prompt=prompt, batch_size=2)
+    assert got.tokens_scored == 2 * 63 and got.virtual_tokens == 5
+    assert got.ppl == pytest.approx(naive_ppl(model, ids, 64, prompt), rel=1e-5)
+    plain = perplexity_of_ids(model, ids, seqlen=64)
+    assert got.ppl != pytest.approx(plain.ppl, rel=1e-6)  # the prompt does change the numbers
+
+
+def test_too_short_and_too_long():
+    model = tiny_model("llama")
+    with pytest.raises(CTPError, match="too short"):
+        perplexity_of_ids(model, torch.arange(10), seqlen=20)
+    with pytest.raises(CTPError, match="context"):
+        perplexity_of_ids(model, torch.arange(1000) % 50, seqlen=250,
+                          prompt=torch.zeros(10, model.config.hidden_size))
+
+
+def test_windows_do_not_overlap():
+    w = windows_of(torch.arange(10), 3)
+    assert w.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]

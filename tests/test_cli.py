@@ -1,0 +1,108 @@
+"""The CLI: bad input gives one line on stderr, exit 2, and writes nothing."""
+
+import json
+
+import pytest
+
+from conftest import run_cli, tiny_model
+from ctp.cli import main
+
+
+def error_line(capfd):
+    err = capfd.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def short_text(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("far too short for a calibration window")
+    return path
+
+
+def test_bad_inputs_exit_2_with_one_line_and_no_folder(tmp_path, tiny_dir, short_text, capfd, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = str(tiny_dir("llama"))
+    out = tmp_path / "out"
+    cases = [
+        (["/no/such/model"], "not found"),
+        (["no-such-org/no-such-model-xyz"], "cannot load model"),
+        ([model, "--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+        ([model, "--sparsity", "-0.5"], "sparsity must be in [0, 1)"),
+        ([model, "--pattern", "4:2"], "0 < N < M"),
+        ([model, "--pattern", "2-4"], "N:M"),
+        ([model, "--pattern", "2:3", "--prune", "magnitude"], "divisible by 3"),
+        ([model, "--prune", "sparsegpt"], "invalid choice"),
+        ([model, "--quant", "int3"], "invalid choice"),
+        ([model, "--calib", str(short_text), "--seqlen", "64", "--nsamples", "2"], "too short for one window"),
+        ([model, "--calib", str(tmp_path / "nope.txt")], "unknown text source"),
+        ([model, "--nsamples", "0"], "nsamples must be positive"),
+        ([model, "--nsamples", "-3"], "nsamples must be positive"),
+        ([model, "--device", "cuda"], "no CUDA GPU"),
+        ([model, "--seqlen", "100000", "--calib", "embedded"], "exceeds the model's context"),
+    ]
+    for args, message in cases:
+        code = main(["compress", *args, "--out", str(out), "--no-progress"])
+        line = error_line(capfd)
+        assert code == 2, (args, line)
+        assert message in line, (args, line)
+        assert not out.exists(), args
+    assert [p.name for p in tmp_path.iterdir()] == ["short.txt"]  # no temporary leftovers
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_dir, capfd):
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(["compress", str(tiny_dir("llama")), "--out", str(out), "--prune", "magnitude"])
+    assert code == 2 and "--overwrite" in error_line(capfd)
+    assert list(out.iterdir()) == []
+
+
+def test_unsupported_architecture_is_named(tmp_path, capfd):
+    import transformers as tf
+
+    folder = tmp_path / "gpt2"
+    tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(folder)
+    code = main(["compress", str(folder), "--out", str(tmp_path / "out")])
+    assert code == 2 and "unsupported architecture 'gpt2'" in error_line(capfd)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantization_on_unsupported_platform(tmp_path, tiny_dir, capfd, monkeypatch):
+    import bitsandbytes.functional as F
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("no kernel for this device")
+
+    monkeypatch.setattr(F, "quantize_4bit", unsupported)
+    code = main(["compress", str(tiny_dir("llama")), "--out", str(tmp_path / "out"), "--quant", "nf4"])
+    line = error_line(capfd)
+    assert code == 2 and "nf4 quantization is not supported on cpu" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_bad_inputs(tmp_path, tiny_dir, capfd):
+    assert main(["eval", str(tmp_path / "missing"), "--ppl", "embedded"]) == 2
+    assert "not found" in error_line(capfd)
+    assert main(["eval", str(tiny_dir("llama")), "--ppl", str(tmp_path / "none.txt")]) == 2
+    assert "unknown text source" in error_line(capfd)
+    assert main(["eval", str(tiny_dir("llama")), "--ppl", "embedded", "--prompt", str(tmp_path)]) == 2
+    assert "not a prompt folder" in error_line(capfd)
+
+
+def test_compress_then_eval_end_to_end_in_a_subprocess(tmp_path, tiny_dir):
+    out = tmp_path / "out"
+    proc = run_cli("compress", str(tiny_dir("llama")), "--out", str(out), "--calib", "embedded",
+                   "--nsamples", "4", "--seqlen", "64", "--pattern", "2:4", "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["label"] == "wanda-2:4+nf4" and report["calibration"]["nsamples"] == 4
+    assert "sparsity     overall" in proc.stderr and "Traceback" not in proc.stderr
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    proc = run_cli("eval", str(out), "--ppl", str(text), "--seqlen", "32", "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ppl"]["t.txt"] > 1 and result["details"]["t.txt"]["seqlen"] == 32
