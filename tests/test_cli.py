@@ -26,6 +26,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_folder(tmp_path, tiny_dir, short
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = str(tiny_dir("llama"))
     out = tmp_path / "out"
+    capfd.readouterr()  # drop what building the fixtures printed
     cases = [
         (["/no/such/model"], "not found"),
         (["no-such-org/no-such-model-xyz"], "cannot load model"),
@@ -55,7 +56,9 @@ def test_bad_inputs_exit_2_with_one_line_and_no_folder(tmp_path, tiny_dir, short
 def test_existing_output_needs_overwrite(tmp_path, tiny_dir, capfd):
     out = tmp_path / "out"
     out.mkdir()
-    code = main(["compress", str(tiny_dir("llama")), "--out", str(out), "--prune", "magnitude"])
+    model = str(tiny_dir("llama"))
+    capfd.readouterr()
+    code = main(["compress", model, "--out", str(out), "--prune", "magnitude"])
     assert code == 2 and "--overwrite" in error_line(capfd)
     assert list(out.iterdir()) == []
 
@@ -65,6 +68,7 @@ def test_unsupported_architecture_is_named(tmp_path, capfd):
 
     folder = tmp_path / "gpt2"
     tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(folder)
+    capfd.readouterr()
     code = main(["compress", str(folder), "--out", str(tmp_path / "out")])
     assert code == 2 and "unsupported architecture 'gpt2'" in error_line(capfd)
     assert not (tmp_path / "out").exists()
@@ -77,13 +81,17 @@ def test_quantization_on_unsupported_platform(tmp_path, tiny_dir, capfd, monkeyp
         raise NotImplementedError("no kernel for this device")
 
     monkeypatch.setattr(F, "quantize_4bit", unsupported)
-    code = main(["compress", str(tiny_dir("llama")), "--out", str(tmp_path / "out"), "--quant", "nf4"])
+    model = str(tiny_dir("llama"))
+    capfd.readouterr()
+    code = main(["compress", model, "--out", str(tmp_path / "out"), "--quant", "nf4"])
     line = error_line(capfd)
     assert code == 2 and "nf4 quantization is not supported on cpu" in line
     assert not (tmp_path / "out").exists()
 
 
 def test_eval_bad_inputs(tmp_path, tiny_dir, capfd):
+    tiny_dir("llama")
+    capfd.readouterr()
     assert main(["eval", str(tmp_path / "missing"), "--ppl", "embedded"]) == 2
     assert "not found" in error_line(capfd)
     assert main(["eval", str(tiny_dir("llama")), "--ppl", str(tmp_path / "none.txt")]) == 2

@@ -57,8 +57,9 @@ def perplexity(
         prompt: soft prompt ``[n, hidden]`` or a prompt folder; its positions are never scored.
     """
     if isinstance(model, str):
+        loaded = load_any(model, device=device)
         tokenizer = tokenizer or load_tokenizer(model)
-        model = load_any(model, device=device)
+        model = loaded
     if tokenizer is None:
         raise CTPError("perplexity needs a tokenizer when given a model object")
     embeddings = load_prompt_embeddings(prompt)
@@ -83,8 +84,8 @@ def evaluate(
 
     config = config or EvalConfig()
     device = resolve_device(config.device)
-    tokenizer = load_tokenizer(model, config.trust_remote_code)
     loaded = load_any(model, device=device, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(model, config.trust_remote_code)
     embeddings = load_prompt_embeddings(prompt)
     result: dict[str, Any] = {"model": str(model), "prompt": None if prompt is None else str(prompt),
                               "split": config.split, "ppl": {}, "details": {}}
