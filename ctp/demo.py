@@ -72,7 +72,9 @@ def compare(
         result = evaluate(str(folder), eval_config, progress=progress)
         rows.append({
             "label": config.label(), "model": str(folder), "ppl": result["ppl"],
-            "sparsity": report["sparsity"]["overall"], "bits_per_weight": report["bits_per_weight"],
+            "sparsity": report["sparsity_after_pruning"]["overall"],
+            "stored_zeros": report["sparsity"]["overall"],
+            "bits_per_weight": report["bits_per_weight"],
             "compress_seconds": report["seconds"],
         })
     return rows
@@ -82,7 +84,7 @@ def rows_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: test perplexity per model, and its change against the dense row."""
     sets = list(rows[0]["ppl"])
     dense = rows[0]["ppl"] if rows[0]["label"] == "dense" else None
-    head = ["model", "sparsity", "bits/weight", *(f"ppl {s}" for s in sets)]
+    head = ["model", "pruned", "bits/weight", *(f"ppl {s}" for s in sets)]
     if dense:
         head += [f"vs dense ({s})" for s in sets]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
