@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .config import CompressConfig, EvalConfig, from_dict
+from .config import CompressConfig, EvalConfig, PromptConfig, from_dict
 from .errors import CTPError
 
 log = logging.getLogger("ctp")
@@ -151,6 +151,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune_prompt(args: argparse.Namespace) -> int:
+    from .prompt.tune import tune_prompt
+
+    config = config_from_flags(PromptConfig, args)
+    result = tune_prompt(args.model, config, args.out, resume=args.resume, overwrite=args.overwrite,
+                         progress=not args.no_progress)
+    meta = result.meta
+    if int(os.environ.get("RANK", "0")) != 0:  # one report per data-parallel run
+        return 0
+    print(f"prompt of {meta['num_virtual_tokens']} tokens -> {args.out}\n"
+          f"  validation ppl {meta['best_val_ppl']:.4f} at step {meta['best_step']} of {meta['steps']} "
+          f"(without a prompt: {meta['val_ppl_without_prompt']:.4f})\n"
+          f"  {meta['train_tokens_per_second_this_run']:.0f} training tokens/s, {meta['seconds']:.1f} s; "
+          f"curve: {args.out}/training_curve.png", file=sys.stderr)
+    _emit({"out": args.out, **{k: v for k, v in meta.items() if k != "history"}}, args.json)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -212,6 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
+        "tune-prompt", help="learn a soft prompt on a (compressed) model",
+        description="Learn a soft prompt (PEFT prompt tuning, the model frozen) that recovers a "
+                    "compressed model's quality. Keeps the prompt with the best validation "
+                    "perplexity (validation split, never test) and writes a PEFT adapter folder "
+                    "plus ctp_prompt.json and training_curve.png. Checkpoints go to OUT.work; "
+                    "--resume continues an interrupted run exactly. Runs data-parallel under "
+                    "`accelerate launch`.",
+    )
+    p.add_argument("model", help="compressed (or dense) model folder, hub id, or 'embedded'")
+    p.add_argument("--out", required=True, help="prompt folder to write")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.work")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and discard OUT.work)")
+    add_config_flags(p, PromptConfig, choices={"device": ("auto", "cpu", "cuda"),
+                                               "schedule": ("linear", "cosine", "constant"),
+                                               "precision": ("auto", "fp32", "bf16")})
+    common(p)
+    p.set_defaults(func=cmd_tune_prompt)
+
+    p = sub.add_parser(
         "demo", help="the offline demo on the embedded model",
         description="Compress the embedded model several ways and print test perplexity for each; "
                     "runs offline on a CPU in a few minutes.",
@@ -228,8 +265,9 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "accelerate", "bitsandbytes", "datasets", "httpx", "urllib3",
-                  "huggingface_hub", "filelock", "peft"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+                  "huggingface_hub", "filelock", "peft", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose and noisy != "matplotlib"
+                                          else logging.ERROR)
     try:  # their per-file progress bars are noise next to ctp's own
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as hf_logging

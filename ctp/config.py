@@ -172,6 +172,92 @@ class EvalConfig:
             raise CTPError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
 
 
+INITS = ("vocab", "sample-vocab", "random")
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class PromptConfig:
+    """How to learn a soft prompt on a (compressed) model. Defaults follow the paper's code."""
+
+    num_virtual_tokens: int = field(default=100, metadata=_help("length of the soft prompt"))
+    init: str = field(
+        default="vocab",
+        metadata=_help("initialisation: vocab (the first n embedding rows, as the paper), "
+                       "sample-vocab (n random rows), random, or text:SOME TEXT"),
+    )
+    data: str = field(default="c4", metadata=_help("training text: c4, wikitext2, ptb, embedded or a file"))
+    val_data: str | None = field(
+        default=None,
+        metadata=_help("validation text for checkpoint selection; default: the validation split "
+                       "of --data (a file needs its own)"),
+    )
+    max_train_documents: int | None = field(
+        default=None, metadata=_help("use only the first N training documents (c4 default: 5000, "
+                                     "as the paper)"),
+    )
+    steps: int | None = field(default=None, metadata=_help("optimizer steps (default 30000, or "
+                                                          "from --epochs)"))
+    epochs: float | None = field(default=None, metadata=_help("passes over the training chunks "
+                                                             "instead of --steps"))
+    lr: float = field(default=1e-3, metadata=_help("AdamW learning rate"))
+    weight_decay: float = field(default=1e-5, metadata=_help("AdamW weight decay"))
+    warmup_steps: int | None = field(default=None, metadata=_help("linear warmup steps (default "
+                                                                 "min(500, steps/10))"))
+    schedule: str = field(default="linear", metadata=_help("learning-rate decay after warmup: "
+                                                          "linear, cosine or constant"))
+    grad_clip: float = field(default=1.0, metadata=_help("clip the prompt gradient norm (0: off)"))
+    seqlen: int | None = field(default=None, metadata=_help("training/validation window length "
+                                                           "(default 1024, capped by the model's "
+                                                           "context less the prompt)"))
+    batch_size: int = field(default=2, metadata=_help("windows per process per micro-batch"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    eval_every: int = field(default=100, metadata=_help("validate (and maybe keep) every N steps"))
+    eval_windows: int | None = field(default=128, metadata=_help("validation windows scored "
+                                                                "(None: all)"))
+    save_every: int = field(default=500, metadata=_help("write a resumable checkpoint every N steps"))
+    seed: int = field(default=0, metadata=_help("seed for initialisation and data order"))
+    precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on GPU, fp32 on "
+                                                         "CPU), fp32 or bf16"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("trade compute for memory "
+                                                                      "on long windows"))
+    device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens <= 0:
+            raise CTPError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
+        if self.init not in INITS and not self.init.startswith("text:"):
+            raise CTPError(f"init must be vocab, sample-vocab, random or text:..., got {self.init!r}")
+        if self.init.startswith("text:") and not self.init[5:].strip():
+            raise CTPError("init text:... needs some text after the colon")
+        if self.steps is not None and self.steps <= 0:
+            raise CTPError(f"steps must be positive, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise CTPError(f"epochs must be positive, got {self.epochs}")
+        if self.steps is not None and self.epochs is not None:
+            raise CTPError("give steps or epochs, not both")
+        if self.lr <= 0:
+            raise CTPError(f"lr must be positive, got {self.lr:g}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise CTPError("weight_decay and grad_clip must not be negative")
+        if self.schedule not in SCHEDULES:
+            raise CTPError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise CTPError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device not in DEVICES:
+            raise CTPError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every"):
+            if getattr(self, name) <= 0:
+                raise CTPError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise CTPError(f"seqlen must be at least 2, got {self.seqlen}")
+        for name in ("eval_windows", "max_train_documents", "warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "warmup_steps" else 1):
+                raise CTPError(f"{name} must be positive, got {value}")
+
+
 # ---------------------------------------------------------------------------------------------
 # dict <-> dataclass
 # ---------------------------------------------------------------------------------------------

@@ -12,28 +12,14 @@ from torch import nn
 from ..config import EvalConfig
 from ..data import load_text, source_label, tokenize
 from ..errors import CTPError
-from ..models import load_any, load_tokenizer, resolve_model
+from ..models import load_any, load_tokenizer
+from ..prompt.artifact import load_prompt_embeddings
 from .perplexity import PerplexityResult, default_seqlen, perplexity_of_ids
 
 log = logging.getLogger(__name__)
 
 # SparseGPT scores C4 on its first 256 windows only; do the same so numbers compare.
 DEFAULT_MAX_WINDOWS = {"c4": 256}
-
-
-def load_prompt_embeddings(prompt: str | Path | torch.Tensor | None) -> torch.Tensor | None:
-    """A soft prompt ``[n, hidden]`` from a tensor or a PEFT prompt-tuning adapter folder."""
-    if prompt is None or isinstance(prompt, torch.Tensor):
-        return prompt
-    from safetensors.torch import load_file
-
-    path = Path(prompt) / "adapter_model.safetensors"
-    if not path.exists():
-        raise CTPError(f"{prompt} is not a prompt folder (no adapter_model.safetensors)")
-    tensors = load_file(str(path))
-    if "prompt_embeddings" not in tensors:
-        raise CTPError(f"{path} holds no prompt_embeddings tensor (not a prompt-tuning adapter)")
-    return tensors["prompt_embeddings"].float()
 
 
 def perplexity(

@@ -66,6 +66,40 @@ def _input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def check_prompt_fits(model: nn.Module, seqlen: int, prompt: torch.Tensor | None) -> None:
+    """Refuse a window plus prompt longer than the model's context, or a prompt of the wrong width."""
+    n = 0 if prompt is None else prompt.shape[0]
+    context = model_context(model)
+    if context is not None and seqlen + n > context:
+        raise CTPError(
+            f"window of {seqlen} tokens plus {n} virtual tokens exceeds the model's "
+            f"context of {context}"
+        )
+    width = model.get_input_embeddings().weight.shape[1]
+    if prompt is not None and prompt.shape[-1] != width:
+        raise CTPError(f"prompt hidden size {prompt.shape[-1]} differs from the model's {width}")
+
+
+def token_nlls(model: nn.Module, ids: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token NLL of every scored target: float32 ``[batch, seqlen - 1]``.
+
+    Position ``t`` of the result is the NLL of ``ids[:, t + 1]``. With a prompt ``[n, hidden]``
+    the virtual embeddings are prepended and their ``n`` output positions dropped, so exactly the
+    same targets are scored as without one. Gradients flow to ``prompt`` when it requires them;
+    this one function serves both training and evaluation.
+    """
+    if prompt is None:
+        logits = model(input_ids=ids, use_cache=False).logits
+    else:
+        tok = model.get_input_embeddings()(ids)
+        virt = prompt.to(dtype=tok.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)
+        logits = model(inputs_embeds=torch.cat([virt, tok], dim=1), use_cache=False).logits
+        logits = logits[:, prompt.shape[0]:]
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    ).view(ids.shape[0], -1)
+
+
 @torch.no_grad()
 def window_nlls(
     model: nn.Module,
@@ -83,36 +117,14 @@ def window_nlls(
         prompt: optional soft prompt ``[n, hidden]``, prepended to every window.
     """
     device = _input_device(model)
-    embed = model.get_input_embeddings()
-    n = 0 if prompt is None else prompt.shape[0]
-    context = model_context(model)
-    if context is not None and windows.shape[1] + n > context:
-        raise CTPError(
-            f"window of {windows.shape[1]} tokens plus {n} virtual tokens exceeds the model's "
-            f"context of {context}"
-        )
-    if prompt is not None and prompt.shape[-1] != embed.weight.shape[1]:
-        raise CTPError(
-            f"prompt hidden size {prompt.shape[-1]} differs from the model's "
-            f"{embed.weight.shape[1]}"
-        )
+    check_prompt_fits(model, windows.shape[1], prompt)
+    if prompt is not None:
+        prompt = prompt.to(device)
     out = []
     batches = range(0, windows.shape[0], batch_size)
-    for start in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+    for start in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False):
         ids = windows[start : start + batch_size].to(device)
-        if prompt is None:
-            logits = model(input_ids=ids, use_cache=False).logits
-        else:
-            tok = embed(ids)
-            virt = prompt.to(device=device, dtype=tok.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)
-            logits = model(inputs_embeds=torch.cat([virt, tok], dim=1), use_cache=False).logits
-            logits = logits[:, n:]
-        nll = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            ids[:, 1:].reshape(-1),
-            reduction="none",
-        ).view(ids.shape[0], -1)
-        out.append(nll.mean(dim=1).double().cpu())
+        out.append(token_nlls(model, ids, prompt).mean(dim=1).double().cpu())
     return torch.cat(out)
 
 

@@ -63,3 +63,16 @@ def test_too_short_and_too_long():
 def test_windows_do_not_overlap():
     w = windows_of(torch.arange(10), 3)
     assert w.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+
+
+def test_official_code_averaging_would_report_a_different_number():
+    """The paper's code divides the summed NLL of the L-1 real targets by L+n-1 positions,
+    turning a true perplexity p into p ** ((L-1)/(L+n-1)). ctp must report p itself."""
+    model = tiny_model("llama")
+    seqlen, n = 64, 10
+    ids = calib_ids(1, 3 * seqlen, seed=5).flatten()
+    prompt = torch.randn(n, model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.1
+    honest = perplexity_of_ids(model, ids, seqlen, prompt=prompt)
+    assert honest.ppl == pytest.approx(naive_ppl(model, ids, seqlen, prompt), rel=1e-5)
+    defect = honest.ppl ** ((seqlen - 1) / (seqlen + n - 1))
+    assert defect < honest.ppl * 0.95  # a fake 'gain' of several percent

@@ -1,0 +1,203 @@
+"""Prompt tuning: learning, the PEFT artifact, exact resume after SIGKILL, data parallelism."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli, tiny_model
+from ctp.config import PromptConfig
+from ctp.evaluate.perplexity import token_nlls
+from ctp.prompt.artifact import load_prompt_embeddings, read_prompt_meta
+from ctp.prompt.tune import tune_prompt
+
+
+def ids_of(n, seed=0, vocab=50):
+    # a low-entropy stream (small vocabulary) that a prompt can visibly help with
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_training_loss_falls_and_best_prompt_is_kept(tmp_path):
+    model = tiny_model("llama")
+    config = PromptConfig(num_virtual_tokens=4, steps=40, lr=0.05, seqlen=32, batch_size=4,
+                          eval_every=10, eval_windows=8, warmup_steps=0)
+    result = tune_prompt(model, config, tmp_path / "p", train_ids=ids_of(4000), val_ids=ids_of(800, 1),
+                         progress=False)
+    h = result.meta["history"]
+    assert sum(h["train_loss"][-5:]) / 5 < sum(h["train_loss"][:5]) / 5 - 0.05
+    assert h["eval_step"] == [0, 10, 20, 30, 40]
+    best = min(h["val_ppl"])
+    assert result.meta["best_val_ppl"] == best < result.meta["val_ppl_without_prompt"]
+    assert result.meta["best_step"] == h["eval_step"][h["val_ppl"].index(best)]
+    assert torch.equal(load_prompt_embeddings(tmp_path / "p"), result.prompt)
+    assert (tmp_path / "p" / "training_curve.png").stat().st_size > 1000
+    assert not (tmp_path / "p.work").exists()
+
+
+def test_prompt_folder_is_a_peft_adapter_that_scores_like_ctp(tmp_path):
+    from peft import PeftModel
+
+    model = tiny_model("qwen2")
+    config = PromptConfig(num_virtual_tokens=5, steps=3, lr=0.05, seqlen=32, batch_size=2,
+                          eval_every=3, eval_windows=4)
+    result = tune_prompt(model, config, tmp_path / "p", train_ids=ids_of(2000), val_ids=ids_of(400, 1),
+                         progress=False)
+    adapter = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "PROMPT_TUNING" and adapter["num_virtual_tokens"] == 5
+    assert adapter["token_dim"] == 64
+    assert list(load_file(str(tmp_path / "p" / "adapter_model.safetensors"))) == ["prompt_embeddings"]
+    meta = read_prompt_meta(tmp_path / "p")
+    assert meta["hidden_size"] == 64 and meta["num_virtual_tokens"] == 5
+    peft_model = PeftModel.from_pretrained(tiny_model("qwen2"), tmp_path / "p").eval()
+    batch = ids_of(64, 7).view(2, 32)
+    with torch.no_grad():
+        logits = peft_model(input_ids=batch).logits[:, 5:]  # PEFT returns virtual positions too
+        peft_nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+            reduction="none").view(2, -1)
+        ours = token_nlls(model, batch, result.prompt)
+    torch.testing.assert_close(ours, peft_nll, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["vocab", "sample-vocab", "random", "text:the model"])
+def test_initialisations(init, tokenizer):
+    from ctp.prompt.tune import _init_prompt
+
+    embed = torch.randn(2048, 8)
+    prompt = _init_prompt(PromptConfig(num_virtual_tokens=6, init=init), embed, tokenizer)
+    assert prompt.shape == (6, 8)
+    if init == "vocab":
+        assert torch.equal(prompt, embed[:6])
+    if init == "text:the model":
+        ids = tokenizer("the model", add_special_tokens=False)["input_ids"]
+        assert torch.equal(prompt[0], embed[ids[0]])
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    from ctp.data import embedded_corpus_dir
+
+    folder = tmp_path_factory.mktemp("texts")
+    corpus = embedded_corpus_dir()
+    (folder / "train.txt").write_text((corpus / "train.txt").read_text()[:200_000])
+    (folder / "val.txt").write_text((corpus / "validation.txt").read_text()[:40_000])
+    return folder
+
+
+def tune_args(model_dir, out, texts, *extra):
+    return ["tune-prompt", str(model_dir), "--out", str(out), "--data", str(texts / "train.txt"),
+            "--val-data", str(texts / "val.txt"), "--num-virtual-tokens", "4", "--seqlen", "32",
+            "--batch-size", "4", "--lr", "0.01", "--no-progress", *extra]
+
+
+def test_resume_after_sigkill_ends_with_the_same_prompt(tmp_path, tiny_dir, texts):
+    model_dir = tiny_dir("llama")
+    common = ["--steps", "150", "--save-every", "10", "--eval-every", "1", "--eval-windows", "24"]
+    straight = run_cli(*tune_args(model_dir, tmp_path / "a", texts, *common))
+    assert straight.returncode == 0, straight.stderr
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ctp.cli", *tune_args(model_dir, tmp_path / "b", texts, *common)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "b.work" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= 40:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b").exists()
+
+    refused = run_cli(*tune_args(model_dir, tmp_path / "b", texts, *common))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = run_cli(*tune_args(model_dir, tmp_path / "b", texts, *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_prompt_embeddings(tmp_path / "a"), load_prompt_embeddings(tmp_path / "b")
+    assert (a - b).abs().max().item() <= 1e-6
+    meta_a, meta_b = read_prompt_meta(tmp_path / "a"), read_prompt_meta(tmp_path / "b")
+    assert meta_a["history"]["train_loss"] == pytest.approx(meta_b["history"]["train_loss"], abs=1e-7)
+    assert meta_a["best_step"] == meta_b["best_step"]
+    assert not (tmp_path / "b.work").exists()
+
+
+def test_two_processes_give_the_loss_curve_of_one(tmp_path, tiny_dir, texts):
+    model_dir = tiny_dir("llama")
+    common = ["--steps", "6", "--eval-every", "3", "--eval-windows", "8", "--json"]
+    one = run_cli(*tune_args(model_dir, tmp_path / "one", texts, *common))
+    assert one.returncode == 0, one.stderr
+    args = tune_args(model_dir, tmp_path / "two", texts, *common)
+    args[args.index("--batch-size") + 1] = "2"  # same global batch of 4
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                          "--dynamo_backend", "no", "-m", "ctp.cli", *args],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    meta_one, meta_two = read_prompt_meta(tmp_path / "one"), read_prompt_meta(tmp_path / "two")
+    assert meta_two["processes"] == 2 and meta_two["global_batch"] == meta_one["global_batch"] == 4
+    assert meta_two["history"]["train_loss"] == pytest.approx(meta_one["history"]["train_loss"], abs=1e-4)
+    assert meta_two["history"]["val_ppl"] == pytest.approx(meta_one["history"]["val_ppl"], rel=1e-4)
+
+
+def test_bad_inputs(tmp_path, tiny_dir, texts, capfd):
+    from ctp.cli import main
+
+    model_dir = tiny_dir("llama")  # context 256
+    (tmp_path / "tiny_val.txt").write_text("too short")
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    capfd.readouterr()
+    out = tmp_path / "p"
+    cases = [
+        (tune_args(model_dir, exists, texts), "already exists"),
+        (tune_args(tmp_path / "nomodel", out, texts), "not found"),
+        (tune_args(model_dir, out, texts, "--num-virtual-tokens", "0"), "num_virtual_tokens must be positive"),
+        (tune_args(model_dir, out, texts, "--num-virtual-tokens", "300"), "below the model's context"),
+        (tune_args(model_dir, out, texts, "--seqlen", "250", "--num-virtual-tokens", "10"), "exceeds the model's context"),
+        (tune_args(model_dir, out, texts, "--lr", "0"), "lr must be positive"),
+        (tune_args(model_dir, out, texts, "--steps", "0"), "steps must be positive"),
+        (tune_args(model_dir, out, texts, "--resume"), "no checkpoint to resume"),
+        (["tune-prompt", str(model_dir), "--out", str(out), "--data", str(texts / "train.txt"),
+          "--val-data", str(tmp_path / "tiny_val.txt"), "--seqlen", "32", "--num-virtual-tokens", "4"],
+         "validation split is empty"),
+        (["tune-prompt", str(model_dir), "--out", str(out), "--data", str(texts / "train.txt")],
+         "--val-data"),
+    ]
+    for args, message in cases:
+        code = main(args)
+        err = [l for l in capfd.readouterr().err.splitlines() if l.strip()]
+        assert code == 2 and len(err) == 1 and message in err[0], (args, err)
+        assert not out.exists() and not (tmp_path / "p.work").exists()
+    assert list(exists.iterdir()) == []
+
+
+def test_resume_with_different_settings_is_refused(tmp_path, tiny_dir, texts, capfd):
+    from ctp.cli import main
+
+    model_dir = tiny_dir("llama")
+    work = tmp_path / "p.work" / "checkpoint"
+    # make a real checkpoint by interrupting nothing: a run that saves, then stops via steps
+    code = main(tune_args(model_dir, tmp_path / "full", texts, "--steps", "4", "--save-every", "2"))
+    assert code == 0
+    # craft an interrupted run: copy a checkpoint as a run would leave it
+    from ctp.prompt.artifact import save_checkpoint
+    from ctp.prompt.tune import _run_settings
+
+    settings = {"config": _run_settings(PromptConfig(num_virtual_tokens=4, seqlen=32, lr=0.01,
+                                                     batch_size=4, steps=4)),
+                "steps": 4, "world": 1, "train_tokens": 0, "val_tokens": 0, "hidden": 64,
+                "model": str(model_dir)}
+    save_checkpoint(work, {"prompt": torch.zeros(4, 64)}, {"settings": settings, "step": 2})
+    capfd.readouterr()
+    code = main(tune_args(model_dir, tmp_path / "p", texts, "--steps", "4", "--resume"))
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and "different settings" in err[-1] and len(err) == 1
