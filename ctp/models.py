@@ -148,8 +148,9 @@ def load_any(
 ) -> nn.Module:
     """Load a dense model or a compressed ctp checkpoint for inference, on ``device``.
 
-    Dense models on the CPU default to float32 (CPU half-precision matmuls are slow); 4-bit
-    checkpoints keep their stored compute dtype.
+    On the CPU, everything not quantized defaults to float32 (CPU half-precision matmuls are
+    slow and coarse); 4-bit layers keep their stored compute dtype and always use bitsandbytes' plain
+    dequantize-and-multiply path (:func:`ctp.compress.quantize.disable_cpu_packing_`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -166,10 +167,16 @@ def load_any(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, device_map={"": str(device) if device.type != "cuda" else (device.index or 0)},
+            dtype=dtype or "auto",
             trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as exc:
         raise CTPError(f"cannot load compressed model {name!r}: {str(exc).splitlines()[0]}") from None
+    from .compress.quantize import disable_cpu_packing_, float32_on_cpu_
+
+    disable_cpu_packing_(model)  # exact NF4/FP4 scales, and gradients that flow (see there)
+    if device.type == "cpu" and dtype in (None, torch.float32):
+        float32_on_cpu_(model)
     return model.eval()
 
 

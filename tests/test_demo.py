@@ -13,7 +13,10 @@ def test_demo_quick_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     rows = {r["label"]: r for r in result["rows"]}
-    assert set(rows) == {"dense", "nf4", "wanda-50%+nf4"}
+    assert set(rows) == {"dense", "nf4", "wanda-50%+nf4", "wanda-50%+nf4 + prompt"}
+    prompted = rows["wanda-50%+nf4 + prompt"]
+    assert prompted["prompt"].endswith("wanda-50pct+nf4") and "recovered" in prompted
+    assert result["seqlen"] == 256
     dense = rows["dense"]["ppl"]["embedded"]
     assert 5 < dense < 60
     assert rows["wanda-50%+nf4"]["ppl"]["embedded"] > dense  # compression costs something

@@ -112,6 +112,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
             raise RuntimeError("read 4-bit weights before running CPU inference (packed layout)")
         return bnb.functional.dequantize_4bit(weight.data, quant_state).float()
     scb = getattr(weight, "SCB", None)
+    if scb is None:  # after a forward pass bitsandbytes keeps the int8 row scales on module.state
+        scb = getattr(getattr(module, "state", None), "SCB", None)
     if scb is not None and weight.dtype == torch.int8:
         return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)
     return weight.detach().float()
@@ -120,3 +122,48 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear and its bitsandbytes subclasses."""
     return isinstance(module, nn.Linear)
+
+
+def disable_cpu_packing_(model: nn.Module) -> int:
+    """Keep bitsandbytes 4-bit layers on their plain (dequantize + matmul) CPU path.
+
+    bitsandbytes 0.50, on CPUs with AVX512-BF16, repacks a Linear4bit's weight the first time it
+    runs in eval mode without gradients, rounding its scales to bfloat16, and from then on routes
+    every call -- training included -- through ``gemv_4bit``, which has no autograd kernel: the
+    gradient reaching a soft prompt becomes exactly zero, silently. ctp therefore never lets a
+    layer repack. Layers already repacked (a model that already ran inference) are unpacked,
+    with a warning: their scales stay bfloat16-rounded. Returns how many layers were unpacked.
+    """
+    unpacked = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state)
+                unpacked += 1
+    if unpacked:
+        log.warning("%d 4-bit layers had been repacked for CPU inference (scales rounded to "
+                    "bfloat16); unpacked them so gradients flow", unpacked)
+    return unpacked
+
+
+def float32_on_cpu_(model: nn.Module) -> None:
+    """Run a quantized model's CPU arithmetic in float32: its unquantized parameters (embeddings,
+    norms, output head) are upcast from 16 bits, and 4-bit weights dequantize to float32.
+
+    transformers keeps a pre-quantized checkpoint's stored 16-bit dtype whatever ``dtype`` asks,
+    and a 16-bit residual stream on a CPU is both slow and coarse.
+    """
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if type(param) is nn.Parameter and param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            state.dtype = torch.float32
+        if getattr(module, "compute_dtype", None) in (torch.float16, torch.bfloat16):
+            module.compute_dtype = torch.float32

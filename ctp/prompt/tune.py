@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .._io import atomic_dir, check_output_dir, read_json
 from ..compress.pipeline import COMPRESSION_FILE, resolve_device
+from ..compress.quantize import disable_cpu_packing_
 from ..config import PromptConfig, to_dict
 from ..data import load_documents, source_label, tokenize
 from ..errors import CTPError
@@ -224,6 +225,7 @@ def tune_prompt(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    disable_cpu_packing_(model)
     device = model.get_input_embeddings().weight.device
     embed = model.get_input_embeddings().weight
     hidden = embed.shape[1]
@@ -335,6 +337,9 @@ def tune_prompt(
             loss_sum += loss.detach().double().cpu()
             tokens += batch.numel()
         procs.mean_(prompt.grad)
+        if step == start_step and not prompt.grad.any():
+            raise CTPError("the prompt's gradient is exactly zero: the model does not pass "
+                           "gradients back to its input embeddings")
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([prompt], config.grad_clip)
         optimizer.step()

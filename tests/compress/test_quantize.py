@@ -88,3 +88,40 @@ def test_fresh_process_reload_without_ctp_gives_identical_logits(tmp_path, quant
     assert torch.equal(got, expected)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert ("quantization_config" in config) == (quant != "none")
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_prompt_gradient_through_quantized_model_matches_its_dense_twin(tmp_path, quant):
+    """bitsandbytes repacks 4-bit CPU weights on the first no-grad eval forward and then drops
+    gradients (zero prompt gradient, silently). Models loaded by ctp must never do that: after
+    an eval forward, the gradient equals the one through a dense model with the same weights."""
+    from ctp.evaluate.perplexity import token_nlls
+    from ctp.models import load_any
+
+    compress(tiny_model("llama").half(), CompressConfig(prune="magnitude", quant=quant),
+             tmp_path / "out", progress=False)
+    quantized = load_any(str(tmp_path / "out"))
+    ids = calib_ids(2, 24, seed=2)
+    with torch.no_grad():
+        quantized(input_ids=ids)  # an inference pass first, as evaluation before training does
+    twin = tiny_model("llama")
+    q_modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in twin.named_modules():
+            source = q_modules[name]
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(dense_weight(source))
+            elif hasattr(module, "weight") and isinstance(module.weight, torch.nn.Parameter):
+                module.weight.copy_(source.weight.float())
+    grads = []
+    for model in (quantized, twin):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        prompt = torch.nn.Parameter(torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 0.1)
+        token_nlls(model, ids, prompt).mean().backward()
+        grads.append(prompt.grad)
+    assert grads[0].abs().sum() > 0
+    if quant == "nf4":  # same arithmetic as the twin
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    else:  # LLM.int8 also quantizes activations in the forward pass: close, not equal
+        assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 0.05
