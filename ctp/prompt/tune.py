@@ -325,7 +325,7 @@ def tune_prompt(
 
     bar = tqdm(range(start_step, steps), desc="tune-prompt", disable=not (progress and procs.main),
                initial=start_step, total=steps)
-    train_started, tokens = time.time(), 0
+    train_started, tokens, eval_seconds = time.time(), 0, 0.0
     for step in bar:
         loss_sum = torch.zeros((), dtype=torch.float64)
         for micro in range(config.grad_accum):
@@ -351,7 +351,9 @@ def tune_prompt(
         done = step + 1
         postfix = {"loss": f"{train_loss:.4f}", "best val ppl": f"{best['val_ppl']:.3f}"}
         if done % config.eval_every == 0 or done == steps:
+            eval_started = time.time()
             val_ppl = validate()
+            eval_seconds += time.time() - eval_started
             history["eval_step"].append(done)
             history["val_ppl"].append(val_ppl)
             if val_ppl < best["val_ppl"]:
@@ -369,7 +371,7 @@ def tune_prompt(
                                  "scheduler": scheduler.state_dict()})
             procs.barrier()
     bar.close()
-    train_seconds = time.time() - train_started
+    train_seconds = time.time() - train_started - eval_seconds  # optimisation only
 
     meta = {
         "ctp_version": __version__,

@@ -201,3 +201,25 @@ def test_resume_with_different_settings_is_refused(tmp_path, tiny_dir, texts, ca
     code = main(tune_args(model_dir, tmp_path / "p", texts, "--steps", "4", "--resume"))
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and "different settings" in err[-1] and len(err) == 1
+
+
+def test_eval_with_prompt_folder_matches_the_api(tmp_path, tiny_dir, texts, capfd):
+    from ctp.cli import main
+    from ctp.data import load_text, tokenize
+    from ctp.evaluate.perplexity import perplexity_of_ids
+    from ctp.models import load_any, load_tokenizer
+
+    model_dir = tiny_dir("llama")
+    assert main(tune_args(model_dir, tmp_path / "p", texts, "--steps", "3", "--eval-every", "3",
+                          "--eval-windows", "4")) == 0
+    capfd.readouterr()
+    assert main(["eval", str(model_dir), "--prompt", str(tmp_path / "p"), "--ppl",
+                 str(texts / "val.txt"), "--seqlen", "32", "--max-windows", "10", "--json",
+                 "--no-progress"]) == 0
+    reported = json.loads(capfd.readouterr().out)
+    assert reported["details"]["val.txt"]["virtual_tokens"] == 4
+    model = load_any(str(model_dir))
+    ids = tokenize(load_tokenizer(str(model_dir)), load_text(str(texts / "val.txt")))
+    expected = perplexity_of_ids(model, ids, 32, prompt=load_prompt_embeddings(tmp_path / "p"),
+                                 max_windows=10)
+    assert reported["ppl"]["val.txt"] == pytest.approx(expected.ppl, rel=1e-9)
