@@ -70,6 +70,7 @@ STUDY = {  # name -> (method, settings); all on wanda-50%+nf4
     "prompt n=50 init=sample-vocab": ("prompt", dict(init="sample-vocab")),
     "prompt n=50 init=text": ("prompt", dict(init="text:Returns the tensor. Args: input (Tensor): the input tensor.")),
     "prompt n=50 1200 steps": ("prompt", dict(steps=1200)),
+    "prompt n=20 lr=1e-2": ("prompt", dict(num_virtual_tokens=20)),
     "prefix n=50 lr=1e-2 (deep prompt)": ("prefix", dict(num_virtual_tokens=50, lr=1e-2)),
     "LoRA r=8 lr=1e-3": ("lora", dict(lr=1e-3)),
 }

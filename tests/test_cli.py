@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, tiny_model
+from conftest import run_cli
 from ctp.cli import main
 
 

@@ -129,8 +129,7 @@ def layer_by_layer(
         layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
-        process(index, layer, lambda: run_layer(layer, inputs, kwargs, batch_size))
+        process(index, layer, lambda x=inputs, m=layer: run_layer(m, x, kwargs, batch_size))
         run_layer(layer, inputs, kwargs, batch_size, outputs)
         layer.to(home)
         inputs, outputs = outputs, inputs
-    del inputs, outputs

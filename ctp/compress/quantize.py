@@ -9,7 +9,6 @@ and FP4 code books contain 0 and scale by absmax with no zero point, and int8 is
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from typing import Any
 

@@ -397,6 +397,9 @@ def tune_prompt(
         "train_tokens_per_second_this_run": round(tokens * procs.world / max(train_seconds, 1e-9), 1),
         "seconds": round(time.time() - started, 2),
     }
+    if baseline_ppl is not None and best["val_ppl"] >= baseline_ppl:
+        log.warning("the best prompt (validation ppl %.4f) does not beat the model without a "
+                    "prompt (%.4f): it will not help", best["val_ppl"], baseline_ppl)
     best_cpu = best_prompt.detach().float().cpu()
     if out is not None and procs.main:
         with atomic_dir(out, overwrite=overwrite) as staging:

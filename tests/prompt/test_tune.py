@@ -1,7 +1,6 @@
 """Prompt tuning: learning, the PEFT artifact, exact resume after SIGKILL, data parallelism."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli, tiny_model
+from conftest import run_cli, tiny_model
 from ctp.config import PromptConfig
 from ctp.evaluate.perplexity import token_nlls
 from ctp.prompt.artifact import load_prompt_embeddings, read_prompt_meta
