@@ -169,6 +169,64 @@ def cmd_tune_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stitch(args: argparse.Namespace) -> int:
+    from .evaluate.api import evaluate
+    from .prompt.stitch import save_stitched, stitch
+
+    from .compress.pipeline import resolve_device
+
+    result = stitch(args.prompt, args.model, device=str(resolve_device(args.device or "cpu")))
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    report: dict[str, Any] = {"prompt": args.prompt, "model": args.model, "warnings": result.warnings,
+                              "num_virtual_tokens": int(result.prompt.shape[0])}
+    if args.ppl:
+        config = config_from_flags(EvalConfig, args)
+        bare = evaluate(args.model, config, progress=not args.no_progress)
+        prompted = evaluate(args.model, config, prompt=args.prompt, progress=not args.no_progress)
+        report["ppl"] = {"without_prompt": bare["ppl"], "with_prompt": prompted["ppl"]}
+        print(ppl_table([(args.model, bare["ppl"]), (f"{args.model} + {args.prompt}", prompted["ppl"])]),
+              file=sys.stderr)
+    if args.out:
+        save_stitched(args.prompt, args.model, args.out, overwrite=args.overwrite, extra=report)
+        print(f"saved model + prompt -> {args.out}", file=sys.stderr)
+    else:
+        print(f"{args.prompt} fits {args.model}", file=sys.stderr)
+    _emit(report, args.json)
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from .evaluate.transfer import transfer, transfer_table, write_transfer
+
+    if args.out:
+        from ._io import check_output_dir
+
+        check_output_dir(args.out, args.overwrite)
+    result = transfer(args.prompts, args.models, data=args.ppl, split=args.split, seqlen=args.seqlen,
+                      dense=args.dense, max_windows=args.max_windows, device=args.device,
+                      progress=not args.no_progress)
+    print(transfer_table(result), file=sys.stderr)
+    if args.out:
+        write_transfer(result, args.out, overwrite=args.overwrite)
+        print(f"table and heatmap -> {args.out}/transfer.md, {args.out}/transfer.png", file=sys.stderr)
+    _emit(result, args.json)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .evaluate.transfer import transfer_table
+    from .recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    result = run_recipe(recipe, progress=not args.no_progress)
+    if "cells" in result:
+        print(transfer_table(result), file=sys.stderr)
+        print(f"results -> {recipe.workdir / 'results'}", file=sys.stderr)
+    _emit(result, args.json)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -249,11 +307,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune_prompt)
 
     p = sub.add_parser(
+        "stitch", help="attach a saved prompt to another compressed model",
+        description="Attach a prompt learned on one compressed model to another compressed (or "
+                    "dense) copy of the same base, after checking that hidden size and tokenizer "
+                    "match (a different base model is a warning). Optionally measure perplexity "
+                    "with and without the prompt, and save the pair as a deployable folder.",
+    )
+    p.add_argument("prompt", help="prompt folder (from ctp tune-prompt)")
+    p.add_argument("model", help="target model folder")
+    p.add_argument("--out", help="write model + prompt/ + ctp_stitch.json here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_config_flags(p, EvalConfig, choices={"device": ("auto", "cpu", "cuda"),
+                                             "split": ("train", "validation", "test")})
+    p.set_defaults(ppl=None)
+    common(p)
+    p.set_defaults(func=cmd_stitch)
+
+    p = sub.add_parser(
+        "transfer", help="evaluate every prompt on every model (table + heatmap)",
+        description="The transfer matrix: perplexity of each model without a prompt and with each "
+                    "prompt, and the share of its compression gap (against the dense base) each "
+                    "prompt recovers. Writes transfer.{md,json,png} with --out.",
+    )
+    p.add_argument("--prompts", nargs="+", required=True, help="prompt folders")
+    p.add_argument("--models", nargs="+", required=True, help="compressed model folders")
+    p.add_argument("--ppl", default="embedded", help="test set (default: embedded)")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--seqlen", type=int, help="window length for every cell")
+    p.add_argument("--dense", help="the uncompressed base (default: from the first model's metadata)")
+    p.add_argument("--max-windows", type=int, help="score at most this many windows")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--out", help="folder for transfer.md / .json / .png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    common(p)
+    p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser(
+        "run", help="run a whole pipeline from a YAML recipe (resumable)",
+        description="Run a recipe: compress every target, tune every prompt, evaluate every prompt "
+                    "on every model (transfer table + heatmap in WORKDIR/results). Steps already "
+                    "done with the same settings are skipped; an interrupted prompt resumes.",
+    )
+    p.add_argument("recipe", help="recipe file (or 'demo' for the packaged demo recipe)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe entry, e.g. --set prompts.p10.config.steps=50 (repeatable)")
+    common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
         "demo", help="the offline demo on the embedded model",
-        description="The method end to end on the embedded model: compress it four ways (NF4; "
-                    "magnitude-50%, Wanda-50% and Wanda-2:4, each + NF4), tune a soft prompt on "
-                    "Wanda-50%+NF4, and print test perplexity for every model and the share of "
-                    "the compression gap the prompt recovers. Offline, a few minutes on a CPU.",
+        description="The method end to end on the embedded model (= ctp run demo): compress it "
+                    "four ways (NF4; magnitude-50%, Wanda-50% and Wanda-2:4, each + NF4), tune a "
+                    "soft prompt on Wanda-50%+NF4, stitch it onto every compressed copy, and print "
+                    "test perplexity and the share of each compression gap the prompt recovers "
+                    "(table, plus a heatmap in WORKDIR/results). Offline, ~5 minutes on a CPU.",
     )
     p.add_argument("--workdir", default="ctp-demo", help="where models and results go; finished "
                    "steps found there are reused (default: ctp-demo)")

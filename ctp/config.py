@@ -299,7 +299,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             continue
         if not _check_type(value, hints[key]):
             raise CTPError(f"{where}: {key!r} must be {_type_name(hints[key])}, got {value!r}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except CTPError as exc:
+        if where == "arguments":  # CLI flags: the message names the flag's value already
+            raise
+        raise CTPError(f"{where}: {exc}") from None
 
 
 def _type_name(annotation: Any) -> str:

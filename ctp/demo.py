@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -17,11 +16,9 @@ from typing import Any
 
 from ._io import write_json
 from .compress.pipeline import COMPRESSION_FILE, compress
-from .config import CompressConfig, EvalConfig, PromptConfig, to_dict
+from .config import CompressConfig, EvalConfig, to_dict
 from .evaluate.api import evaluate
 from .models import EMBEDDED_NAME
-from .prompt.artifact import PROMPT_FILE
-from .prompt.tune import tune_prompt, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +81,7 @@ def compare(
 
 
 def rows_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: test perplexity per model, its change against the dense row, and (for prompted
-    rows) the share of the log-perplexity gap recovered."""
+    """Markdown: test perplexity per model and its change against the dense row."""
     sets = list(rows[0]["ppl"])
     dense = rows[0]["ppl"] if rows[0]["label"] == "dense" else None
     head = ["model", "pruned", "bits/weight", *(f"ppl {s}" for s in sets)]
@@ -107,53 +103,23 @@ def rows_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-DEMO_PROMPT = dict(num_virtual_tokens=50, init="vocab", data="embedded", steps=200, lr=1e-2,
-                   warmup_steps=20, seqlen=256, batch_size=8, eval_every=50, eval_windows=64,
-                   save_every=50, seed=0, device="cpu")
-DEMO_SEQLEN = 256  # test windows: room for the prompt within the model's 512-token context
-
-
-def tune_and_measure(model_dir: str, prompt_config: PromptConfig, prompt_dir: Path,
-                     eval_config: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Tune a prompt on ``model_dir`` (reusing a finished one in ``prompt_dir``) and measure the
-    pair on ``eval_config``'s test sets."""
-    meta_path = prompt_dir / PROMPT_FILE
-    if not (meta_path.exists()
-            and json.loads(meta_path.read_text()).get("prompt_config") == to_dict(prompt_config)):
-        tune_prompt(model_dir, prompt_config, prompt_dir, overwrite=True,
-                    resume=(work_dir(prompt_dir) / "checkpoint" / "state.json").exists(),
-                    progress=progress)
-    result = evaluate(model_dir, eval_config, prompt=str(prompt_dir), progress=progress)
-    meta = json.loads(meta_path.read_text())
-    return {"label": f"{meta.get('compression_label', model_dir)} + prompt", "model": model_dir,
-            "prompt": str(prompt_dir), "ppl": result["ppl"], "best_val_ppl": meta["best_val_ppl"],
-            "prompt_parameters": meta["num_virtual_tokens"] * meta["hidden_size"]}
-
-
-def recovered(dense: float, compressed: float, prompted: float) -> float:
-    """Share of the log-perplexity gap a prompt wins back."""
-    return (math.log(compressed) - math.log(prompted)) / (math.log(compressed) - math.log(dense))
+QUICK_SETS = [  # a smoke run of the demo recipe, for tests
+    "compress.nf4.nsamples=16", "compress.wanda-50pct+nf4.nsamples=16",
+    "prompts.p10-wanda-50pct+nf4.config.steps=20", "prompts.p10-wanda-50pct+nf4.config.eval_every=10",
+    "prompts.p10-wanda-50pct+nf4.config.eval_windows=16", "eval.max_windows=40",
+]
 
 
 def run_demo(workdir: str | Path = "ctp-demo", quick: bool = False, progress: bool = True) -> dict[str, Any]:
-    """The whole method on the embedded model: compress it four ways, tune a prompt on Wanda-50%
-    + NF4, and measure everything on the test split. Writes ``results.json`` in ``workdir``."""
-    workdir = Path(workdir)
-    targets = DEMO_TARGETS
-    eval_config = EvalConfig(ppl=["embedded"], device="cpu", seqlen=DEMO_SEQLEN)
-    prompt_settings = dict(DEMO_PROMPT)
+    """``ctp run demo`` in ``workdir``: compress the embedded model four ways, tune a prompt on
+    Wanda-50% + NF4, evaluate it on every compressed copy. ``quick`` runs a smoke version."""
+    from .evaluate.transfer import transfer_table
+    from .recipe import load_recipe, run_recipe
+
+    sets = [f"workdir={workdir}"] + (QUICK_SETS if quick else [])
+    recipe = load_recipe("demo", sets)
     if quick:
-        targets = [replace(t, nsamples=16) for t in targets[:3:2]]
-        eval_config = EvalConfig(ppl=["embedded"], device="cpu", seqlen=DEMO_SEQLEN, max_windows=40)
-        prompt_settings.update(steps=20, eval_every=10, eval_windows=16)
-    rows = compare(EMBEDDED_NAME, targets, workdir, eval_config, progress=progress)
-    tuned_on = next(r for r in rows if r["label"] == "wanda-50%+nf4")
-    prompt_row = tune_and_measure(tuned_on["model"], PromptConfig(**prompt_settings),
-                                  workdir / "prompts" / Path(tuned_on["model"]).name, eval_config, progress)
-    dense, compressed = rows[0]["ppl"]["embedded"], tuned_on["ppl"]["embedded"]
-    prompt_row["recovered"] = recovered(dense, compressed, prompt_row["ppl"]["embedded"])
-    rows.append(prompt_row)
-    table = rows_table(rows)
-    result = {"rows": rows, "table": table, "split": "test", "seqlen": DEMO_SEQLEN}
-    write_json(workdir / "results.json", result)
+        recipe.compress = {k: v for k, v in recipe.compress.items() if k in ("nf4", "wanda-50pct+nf4")}
+    result = run_recipe(recipe, progress=progress)
+    result["table"] = transfer_table(result)
     return result

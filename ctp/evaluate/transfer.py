@@ -1,0 +1,176 @@
+"""The transfer matrix: every prompt on every model, plus each model without a prompt.
+
+Each cell is a test perplexity under the same protocol and window length, and the share of that
+model's log-perplexity gap (against the dense base) the prompt wins back:
+``(log ppl_model - log ppl_model+prompt) / (log ppl_model - log ppl_dense)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_dir, read_json, write_json
+from ..compress.pipeline import COMPRESSION_FILE
+from ..data import load_text, source_label, tokenize
+from ..errors import CTPError
+from ..models import load_any, load_tokenizer
+from ..prompt.artifact import load_prompt_embeddings, read_prompt_meta
+from ..prompt.stitch import check_compatible
+from .perplexity import default_seqlen, perplexity_of_ids
+
+log = logging.getLogger(__name__)
+
+
+def gap_recovered(dense: float, compressed: float, prompted: float) -> float | None:
+    """Share of the log-perplexity gap won back (None when there is no gap to speak of)."""
+    gap = math.log(compressed) - math.log(dense)
+    if abs(gap) < 1e-9:
+        return None
+    return (math.log(compressed) - math.log(prompted)) / gap
+
+
+def model_label(model_dir: str) -> str:
+    meta = Path(model_dir) / COMPRESSION_FILE
+    return read_json(meta).get("label", Path(model_dir).name) if meta.exists() else Path(model_dir).name
+
+
+def prompt_label(prompt_dir: str) -> str:
+    meta = read_prompt_meta(prompt_dir)
+    trained_on = meta.get("compression_label")
+    return f"prompt@{trained_on}" if trained_on else Path(prompt_dir).name
+
+
+def transfer(
+    prompts: list[str],
+    models: list[str],
+    data: str = "embedded",
+    split: str = "test",
+    seqlen: int | None = None,
+    dense: str | None = None,
+    max_windows: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate every prompt on every model (and each model bare, and the dense base).
+
+    Args:
+        dense: the uncompressed base for the recovered share; default: the ``base_model`` named
+            in the first model's ``ctp_compression.json``.
+        seqlen: one window length for every cell; default: the first model's context (at most
+            4096) less the longest prompt.
+    Returns:
+        ``{"data", "split", "seqlen", "dense", "models", "prompts", "cells"}`` where
+        ``cells[i][j]`` is prompt ``j`` on model ``i``: ``{"ppl", "recovered"}`` or ``{"error"}``.
+    """
+    if not prompts or not models:
+        raise CTPError("give at least one prompt and one model")
+    tensors = {p: load_prompt_embeddings(p) for p in prompts}
+    metas = {p: read_prompt_meta(p) for p in prompts}
+    if dense is None:
+        first = Path(models[0]) / COMPRESSION_FILE
+        if not first.exists():
+            raise CTPError(f"{models[0]} has no {COMPRESSION_FILE}: name the dense base with --dense")
+        dense = read_json(first)["base_model"]
+    text = load_text(data, split)
+    longest = max(t.shape[0] for t in tensors.values())
+
+    dense_model = load_any(dense, device=device)
+    if seqlen is None:
+        seqlen = default_seqlen(dense_model, longest)
+    ids = tokenize(load_tokenizer(dense), text)
+    dense_ppl = perplexity_of_ids(dense_model, ids, seqlen, max_windows=max_windows,
+                                  progress=progress, desc="dense").ppl
+    del dense_model
+    rows, cells = [], []
+    for model_dir in models:
+        model = load_any(model_dir, device=device)
+        tokenizer = load_tokenizer(model_dir)
+        model_ids = tokenize(tokenizer, text)
+        bare = perplexity_of_ids(model, model_ids, seqlen, max_windows=max_windows,
+                                 progress=progress, desc=model_label(model_dir)).ppl
+        rows.append({"model": model_dir, "label": model_label(model_dir), "ppl": bare,
+                     "gap_vs_dense": bare / dense_ppl - 1})
+        row = []
+        for prompt_dir in prompts:
+            try:
+                for w in check_compatible(prompt_dir, tensors[prompt_dir], metas[prompt_dir],
+                                          model_dir, model, tokenizer):
+                    log.warning(w)
+            except CTPError as exc:
+                row.append({"error": str(exc)})
+                continue
+            ppl = perplexity_of_ids(model, model_ids, seqlen, prompt=tensors[prompt_dir],
+                                    max_windows=max_windows, progress=progress,
+                                    desc=f"{model_label(model_dir)} + {prompt_label(prompt_dir)}").ppl
+            row.append({"ppl": ppl, "recovered": gap_recovered(dense_ppl, bare, ppl)})
+        cells.append(row)
+    return {
+        "data": source_label(data), "split": split, "seqlen": seqlen,
+        "dense": {"model": dense, "ppl": dense_ppl},
+        "models": rows,
+        "prompts": [{"prompt": p, "label": prompt_label(p), "trained_on": metas[p].get("model"),
+                     "num_virtual_tokens": int(tensors[p].shape[0])} for p in prompts],
+        "cells": cells,
+    }
+
+
+def transfer_table(result: dict[str, Any]) -> str:
+    """Markdown: one row per model, its bare perplexity, then each prompt's ppl (recovered)."""
+    head = ["model", "no prompt"] + [p["label"] for p in result["prompts"]]
+    lines = [f"Test perplexity on {result['data']} ({result['split']}, windows of {result['seqlen']}); "
+             f"dense {result['dense']['ppl']:.3f}. In brackets: share of the gap recovered.", "",
+             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for row, cells in zip(result["models"], result["cells"]):
+        parts = [row["label"], f"{row['ppl']:.3f}"]
+        for cell in cells:
+            if "error" in cell:
+                parts.append("incompatible")
+            elif cell["recovered"] is None:
+                parts.append(f"{cell['ppl']:.3f}")
+            else:
+                parts.append(f"{cell['ppl']:.3f} ({cell['recovered'] * 100:.0f}%)")
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def plot_heatmap(result: dict[str, Any], path: Path) -> None:
+    """A heatmap PNG of the share of the gap recovered, models x prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.array([[c.get("recovered") if c.get("recovered") is not None else np.nan
+                        for c in row] for row in result["cells"]], dtype=float) * 100
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * values.shape[1], 1.2 + 0.7 * values.shape[0]), dpi=110)
+    bound = max(10.0, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 10.0)
+    image = ax.imshow(values, cmap="RdYlGn", vmin=-bound, vmax=bound, aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            text = "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.0f}%"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(values.shape[1]), [p["label"] for p in result["prompts"]], rotation=20, ha="right")
+    ax.set_yticks(range(values.shape[0]), [m["label"] for m in result["models"]])
+    ax.set_title(f"share of the compression gap recovered ({result['data']} {result['split']})", fontsize=10)
+    fig.colorbar(image, ax=ax, label="% of log-ppl gap")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_transfer(result: dict[str, Any], out: str | Path, overwrite: bool = False) -> Path:
+    """``transfer.json``, ``transfer.md`` and ``transfer.png`` into ``out`` (atomically)."""
+    with atomic_dir(out, overwrite) as staging:
+        write_json(staging / "transfer.json", result)
+        (staging / "transfer.md").write_text(transfer_table(result) + "\n")
+        plot_heatmap(result, staging / "transfer.png")
+    return Path(out)
+
+
+def load_transfer(folder: str | Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "transfer.json").read_text())

@@ -1,0 +1,184 @@
+"""Recipes: a whole pipeline in one YAML file, run by ``ctp run`` and resumable step by step.
+
+```yaml
+model: embedded                 # the dense base: hub id, folder or 'embedded'
+workdir: ctp-demo               # models/, prompts/ and results/ go here
+compress:                       # name -> CompressConfig fields
+  wanda-50pct+nf4: {prune: wanda, sparsity: 0.5, quant: nf4, calib: embedded}
+prompts:                        # name -> the target it is tuned on + PromptConfig fields
+  p10: {target: wanda-50pct+nf4, config: {num_virtual_tokens: 10, data: embedded, steps: 200}}
+eval: {ppl: [embedded], seqlen: 256}   # EvalConfig fields; every prompt x every model
+```
+
+Every section is validated against the config dataclasses (an unknown key or a wrong type is
+one error naming the key and the file). ``--set a.b.c=value`` overrides any entry (the value is
+read as YAML). Steps whose outputs exist and were made with the same settings are skipped; an
+interrupted prompt run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ._io import read_json
+from .compress.pipeline import COMPRESSION_FILE, compress, resolve_device
+from .config import CompressConfig, EvalConfig, PromptConfig, from_dict, to_dict
+from .errors import CTPError
+from .prompt.artifact import PROMPT_FILE
+from .prompt.tune import tune_prompt, work_dir
+
+log = logging.getLogger(__name__)
+
+PACKAGED = Path(__file__).parent / "recipes"
+TOP_KEYS = {"model", "workdir", "compress", "prompts", "eval", "trust_remote_code"}
+
+
+@dataclass
+class PromptStep:
+    """One prompt to tune: on which compressed target (or 'dense'), with which settings."""
+
+    target: str
+    config: PromptConfig
+
+
+@dataclass
+class Recipe:
+    """A validated recipe."""
+
+    model: str
+    workdir: Path
+    compress: dict[str, CompressConfig]
+    prompts: dict[str, PromptStep]
+    eval: EvalConfig
+    source: str
+
+
+def apply_sets(data: dict[str, Any], sets: list[str], where: str) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a recipe mapping."""
+    data = copy.deepcopy(data)
+    for item in sets:
+        if "=" not in item:
+            raise CTPError(f"--set {item!r}: expected KEY=VALUE, e.g. prompts.p10.config.steps=50")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise CTPError(f"--set {key}: {where} has no section {part!r}")
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def parse_recipe(data: Any, where: str) -> Recipe:
+    """Validate a recipe mapping; every error names the key and ``where``."""
+    if not isinstance(data, dict):
+        raise CTPError(f"{where}: a recipe must be a mapping")
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise CTPError(f"{where}: unknown key {sorted(unknown)[0]!r}; known keys: {', '.join(sorted(TOP_KEYS))}")
+    if not isinstance(data.get("model"), str):
+        raise CTPError(f"{where}: 'model' must name the dense base model")
+    targets = data.get("compress") or {}
+    if not isinstance(targets, dict):
+        raise CTPError(f"{where}: 'compress' must map names to compression settings")
+    compress_steps = {str(name): from_dict(CompressConfig, cfg or {}, where=f"{where}: compress.{name}")
+                      for name, cfg in targets.items()}
+    prompt_steps = {}
+    for name, spec in (data.get("prompts") or {}).items():
+        at = f"{where}: prompts.{name}"
+        if not isinstance(spec, dict) or set(spec) - {"target", "config"}:
+            raise CTPError(f"{at}: expected the keys 'target' and 'config'")
+        if spec.get("target") not in compress_steps and spec.get("target") != "dense":
+            raise CTPError(f"{at}: 'target' must name a compress target or 'dense', "
+                           f"got {spec.get('target')!r}")
+        prompt_steps[str(name)] = PromptStep(spec["target"], from_dict(PromptConfig, spec.get("config") or {}, where=f"{at}.config"))
+    return Recipe(
+        model=data["model"],
+        workdir=Path(data.get("workdir") or "ctp-run"),
+        compress=compress_steps,
+        prompts=prompt_steps,
+        eval=from_dict(EvalConfig, data.get("eval") or {}, where=f"{where}: eval"),
+        source=where,
+    )
+
+
+def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file (``demo`` names the packaged demo recipe)."""
+    path = Path(path)
+    if not path.exists() and (PACKAGED / f"{path.name}.yaml").exists():
+        path = PACKAGED / f"{path.name}.yaml"
+    if not path.exists():
+        raise CTPError(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CTPError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_recipe(apply_sets(data or {}, sets or [], str(path)), str(path))
+
+
+def _done_compress(folder: Path, config: CompressConfig) -> bool:
+    meta = folder / COMPRESSION_FILE
+    return meta.exists() and read_json(meta).get("compression") == to_dict(config)
+
+
+def _done_prompt(folder: Path, config: PromptConfig) -> bool:
+    meta = folder / PROMPT_FILE
+    return meta.exists() and read_json(meta).get("prompt_config") == to_dict(config)
+
+
+def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
+    """Run (or finish) a recipe: compress every target, tune every prompt, evaluate every prompt
+    on every model. Returns the transfer result, also written to ``workdir/results``."""
+    from .evaluate.transfer import load_transfer, transfer, write_transfer
+
+    models: dict[str, str] = {}
+    for name, config in recipe.compress.items():
+        folder = recipe.workdir / "models" / name
+        if _done_compress(folder, config):
+            log.info("compress %s: done already, skipping", name)
+        else:
+            log.info("compress %s -> %s", name, folder)
+            compress(recipe.model, config, folder, overwrite=True, progress=progress)
+        models[name] = str(folder)
+    prompts: dict[str, str] = {}
+    for name, step in recipe.prompts.items():
+        folder = recipe.workdir / "prompts" / name
+        target = recipe.model if step.target == "dense" else models[step.target]
+        if _done_prompt(folder, step.config):
+            log.info("tune-prompt %s: done already, skipping", name)
+        else:
+            resume = (work_dir(folder) / "checkpoint" / "state.json").exists()
+            log.info("tune-prompt %s on %s -> %s%s", name, step.target, folder, " (resuming)" if resume else "")
+            tune_prompt(target, step.config, folder, overwrite=True, resume=resume, progress=progress)
+        prompts[name] = str(folder)
+    if not prompts or not models:
+        return {"models": models, "prompts": prompts}
+    key = _evaluation_key(recipe, models, prompts)
+    results = recipe.workdir / "results"
+    if (results / "transfer.json").exists() and load_transfer(results).get("recipe_key") == key:
+        log.info("evaluation: done already, skipping")
+        return load_transfer(results)
+    result = transfer(list(prompts.values()), list(models.values()), data=recipe.eval.ppl[0],
+                      split=recipe.eval.split, seqlen=recipe.eval.seqlen, dense=recipe.model,
+                      max_windows=recipe.eval.max_windows, device=str(resolve_device(recipe.eval.device)),
+                      progress=progress)
+    result["recipe_key"] = key
+    write_transfer(result, results, overwrite=True)
+    return result
+
+
+def _evaluation_key(recipe: Recipe, models: dict[str, str], prompts: dict[str, str]) -> str:
+    """A hash of everything the evaluation depends on, so a finished one is not redone."""
+    parts = {"eval": to_dict(recipe.eval), "model": recipe.model,
+             "models": {n: read_json(Path(f) / COMPRESSION_FILE)["compression"] for n, f in models.items()},
+             "prompts": {n: read_json(Path(f) / PROMPT_FILE)["best_val_ppl"] for n, f in prompts.items()}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,118 @@
+"""Stitching a prompt onto other compressed copies: exact numbers, and the compatibility checks."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import calib_ids, tiny_model
+from ctp.cli import main
+from ctp.compress.pipeline import compress
+from ctp.config import CompressConfig, PromptConfig
+from ctp.evaluate.perplexity import perplexity_of_ids
+from ctp.evaluate.transfer import gap_recovered, transfer
+from ctp.prompt.artifact import load_prompt_embeddings
+from ctp.prompt.stitch import stitch
+from ctp.prompt.tune import tune_prompt
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory, tiny_dir):
+    """A dense tiny base, two differently compressed copies, and a prompt tuned on one."""
+    root = tmp_path_factory.mktemp("family")
+    base = tiny_dir("llama")
+    ids = calib_ids(4, 32)
+    a = compress(str(base), CompressConfig(prune="wanda", quant="nf4"), root / "wanda", calibration=ids,
+                 progress=False).out
+    b = compress(str(base), CompressConfig(prune="magnitude", pattern="2:4", quant="none"), root / "mag",
+                 progress=False).out
+    text = torch.randint(0, 60, (6000,), generator=torch.Generator().manual_seed(0))
+    tune_prompt(str(a), PromptConfig(num_virtual_tokens=4, steps=10, lr=0.05, seqlen=32, batch_size=4,
+                                     eval_every=5, eval_windows=8),
+                root / "prompt", train_ids=text, val_ids=text[:2000], progress=False)
+    return {"base": base, "a": str(a), "b": str(b), "prompt": str(root / "prompt"), "root": root}
+
+
+def test_stitched_perplexity_equals_a_naive_computation_with_the_same_tensor(family):
+    result = stitch(family["prompt"], family["b"])
+    assert result.warnings == []
+    ids = calib_ids(1, 200, seed=9).flatten()
+    prompt = load_prompt_embeddings(family["prompt"])
+    got = perplexity_of_ids(result.base, ids, 40, prompt=prompt).ppl
+    # naive: prepend the tensor by hand, drop virtual positions, score targets 1..L-1
+    nlls = []
+    for w in range(200 // 40):
+        window = ids[w * 40 : (w + 1) * 40].unsqueeze(0)
+        with torch.no_grad():
+            emb = result.base.get_input_embeddings()(window)
+            logits = result.base(inputs_embeds=torch.cat([prompt.unsqueeze(0), emb], 1)).logits[0, 4:]
+        logp = torch.log_softmax(logits.double(), -1)
+        nlls.append(-logp[torch.arange(39), window[0, 1:]].mean().item())
+    assert got == pytest.approx(float(torch.tensor(nlls).mean().exp()), rel=1e-6)
+    with torch.no_grad():  # the returned PeftModel carries the same prompt
+        peft_logits = result.model(input_ids=ids[:40].unsqueeze(0)).logits[0, 4:]
+        emb = result.base.get_input_embeddings()(ids[:40].unsqueeze(0))
+        ours = result.base(inputs_embeds=torch.cat([prompt.unsqueeze(0), emb], 1)).logits[0, 4:]
+    torch.testing.assert_close(peft_logits, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_transfer_matrix_cells_match_direct_measurements(family):
+    result = transfer([family["prompt"]], [family["a"], family["b"]], data="embedded", seqlen=32,
+                      max_windows=6, progress=False)
+    assert result["dense"]["model"] == str(family["base"])
+    assert [m["label"] for m in result["models"]] == ["wanda-50%+nf4", "magnitude-2:4"]
+    cell = result["cells"][1][0]
+    bare = result["models"][1]["ppl"]
+    assert cell["recovered"] == pytest.approx(gap_recovered(result["dense"]["ppl"], bare, cell["ppl"]))
+
+
+def test_mismatched_hidden_size_and_tokenizer_are_refused(family, tmp_path, capfd, tokenizer):
+    import transformers as tf
+
+    wide = tmp_path / "wide"
+    cfg = tf.LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=256)
+    tf.LlamaForCausalLM(cfg).save_pretrained(wide)
+    tokenizer.save_pretrained(wide)
+    capfd.readouterr()
+    assert main(["stitch", family["prompt"], str(wide)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hidden size mismatch" in err[0] and "64" in err[0] and "128" in err[0]
+
+    other_tok = tmp_path / "other-tok"
+    tiny_model("llama").save_pretrained(other_tok)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(other_tok)
+    capfd.readouterr()
+    assert main(["stitch", family["prompt"], str(other_tok)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokenizer mismatch" in err[0]
+
+
+def test_a_different_base_model_is_a_warning(family, tmp_path, capfd, tokenizer):
+    other = tmp_path / "other-base"
+    tiny_model("llama", seed=123).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    capfd.readouterr()
+    assert main(["stitch", family["prompt"], str(other), "--json"]) == 0
+    captured = capfd.readouterr()
+    assert "warning:" in captured.err and "another base" in captured.err
+    assert json.loads(captured.out)["warnings"]
+
+
+def test_save_stitched_pair_loads_with_plain_transformers_and_peft(family, tmp_path, capfd):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pair"
+    assert main(["stitch", family["prompt"], family["b"], "--out", str(out), "--ppl", "embedded",
+                 "--seqlen", "32", "--max-windows", "4", "--no-progress", "--json"]) == 0
+    report = json.loads(capfd.readouterr().out)
+    assert set(report["ppl"]) == {"without_prompt", "with_prompt"}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "prompt")
+    assert model.active_peft_config.num_virtual_tokens == 4
+    assert main(["stitch", family["prompt"], family["b"], "--out", str(out)]) == 2  # no overwrite
