@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ._io import write_json
 from .compress.pipeline import COMPRESSION_FILE, compress
 from .config import CompressConfig, EvalConfig, to_dict
 from .evaluate.api import evaluate
-from .models import EMBEDDED_NAME
 
 log = logging.getLogger(__name__)
 
