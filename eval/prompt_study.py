@@ -35,7 +35,7 @@ from ctp.config import CompressConfig, PromptConfig  # noqa: E402
 from ctp.data import load_text, tokenize  # noqa: E402
 from ctp.demo import EMBEDDED_CALIB, slug  # noqa: E402
 from ctp.evaluate.perplexity import perplexity_of_ids, token_nlls, window_nlls  # noqa: E402
-from ctp.models import load_any, load_tokenizer  # noqa: E402
+from ctp.models import load_any, load_tokenizer, resolve_model  # noqa: E402
 from ctp.prompt.tune import _lr_lambda, spread_windows, tune_prompt, windows_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +49,7 @@ TARGETS = {
     "magnitude-50%+nf4": CompressConfig(prune="magnitude", sparsity=0.5, quant="nf4", **EMBEDDED_CALIB),
     "wanda-2:4+nf4": CompressConfig(prune="wanda", pattern="2:4", quant="nf4", **EMBEDDED_CALIB),
     "nf4": CompressConfig(prune="none", quant="nf4", **EMBEDDED_CALIB),
+    "dense": None,  # the same prompt recipe on the uncompressed model: what is plain adaptation?
 }
 
 
@@ -85,6 +86,8 @@ class Data:
 
 def model_dir(label: str, workdir: Path) -> Path:
     config = TARGETS[label]
+    if config is None:
+        return Path(resolve_model("embedded"))
     folder = workdir / slug(config)
     if not (folder / "ctp_compression.json").exists():
         compress("embedded", config, folder, overwrite=True, progress=False)
@@ -155,8 +158,9 @@ def run_peft(folder: Path, data: Data, method: str, settings: dict) -> dict:
             "seconds_per_step": train_time / config.steps, "best_val_ppl": best}
 
 
-def recovery(compressed: float, prompted: float, dense: float) -> float:
-    return (math.log(compressed) - math.log(prompted)) / (math.log(compressed) - math.log(dense))
+def recovery(compressed: float, prompted: float, dense: float) -> float | None:
+    gap = math.log(compressed) - math.log(dense)
+    return None if gap == 0 else (math.log(compressed) - math.log(prompted)) / gap
 
 
 def main() -> None:
@@ -199,7 +203,7 @@ def main() -> None:
         if (args.part, name) in done:
             continue
         folder = model_dir(label, workdir)
-        compressed = baseline(label, str(folder))
+        compressed = baseline(label, str(folder)) if label != "dense" else dense
         started = time.time()
         run = run_prompt(folder, data, settings) if method == "prompt" else run_peft(folder, data, method, settings)
         row = {"part": args.part, "name": name, "target": label, "method": method, "settings": settings,
@@ -224,7 +228,8 @@ def write_summary(done: dict) -> None:
         for r in rows:
             lines.append(f"| {r['name']} | {r['target']} | {r['params']:,} | {r['seconds_per_step']:.3f} | "
                          f"{r['dense_ppl']:.3f} | {r['compressed_ppl']:.3f} | {r['ppl']:.3f} | "
-                         f"{r['recovery'] * 100:.1f}% |")
+                         + (f"{r['recovery'] * 100:.1f}% |" if r["recovery"] is not None
+                            else f"(dense: {(r['ppl'] / r['dense_ppl'] - 1) * 100:+.1f}% ppl) |"))
         lines.append("")
     (RESULTS / "prompt_study.md").write_text("\n".join(lines))
 

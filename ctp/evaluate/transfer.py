@@ -138,7 +138,8 @@ def transfer_table(result: dict[str, Any]) -> str:
 
 
 def plot_heatmap(result: dict[str, Any], path: Path) -> None:
-    """A heatmap PNG of the share of the gap recovered, models x prompts."""
+    """A heatmap PNG of the share of the gap recovered (models x prompts), each cell also
+    showing the prompted perplexity; colours saturate at +-100%."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,17 +148,22 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
 
     values = np.array([[c.get("recovered") if c.get("recovered") is not None else np.nan
                         for c in row] for row in result["cells"]], dtype=float) * 100
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * values.shape[1], 1.2 + 0.7 * values.shape[0]), dpi=110)
-    bound = max(10.0, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 10.0)
-    image = ax.imshow(values, cmap="RdYlGn", vmin=-bound, vmax=bound, aspect="auto")
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            text = "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.0f}%"
+    rows, cols = values.shape
+    fig, ax = plt.subplots(figsize=(max(6.0, 3.2 + 1.8 * cols), 1.6 + 0.75 * rows), dpi=110)
+    image = ax.imshow(np.clip(values, -100, 100), cmap="RdYlGn", vmin=-100, vmax=100, aspect="auto")
+    for i in range(rows):
+        for j in range(cols):
+            cell = result["cells"][i][j]
+            text = "incompatible" if "error" in cell else (
+                f"{values[i, j]:.0f}%\nppl {cell['ppl']:.2f}" if not np.isnan(values[i, j])
+                else f"ppl {cell['ppl']:.2f}")
             ax.text(j, i, text, ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(values.shape[1]), [p["label"] for p in result["prompts"]], rotation=20, ha="right")
-    ax.set_yticks(range(values.shape[0]), [m["label"] for m in result["models"]])
-    ax.set_title(f"share of the compression gap recovered ({result['data']} {result['split']})", fontsize=10)
-    fig.colorbar(image, ax=ax, label="% of log-ppl gap")
+    ax.set_xticks(range(cols), [p["label"] for p in result["prompts"]], rotation=15, ha="right")
+    ax.set_yticks(range(rows), [f"{m['label']} (ppl {m['ppl']:.2f})" for m in result["models"]])
+    ax.set_title(f"share of each model's compression gap recovered by the prompt\n"
+                 f"{result['data']} {result['split']}, windows of {result['seqlen']}; "
+                 f"dense ppl {result['dense']['ppl']:.2f}", fontsize=9)
+    fig.colorbar(image, ax=ax, label="% of the gap recovered")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

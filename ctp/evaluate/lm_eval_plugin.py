@@ -1,0 +1,250 @@
+"""lm-evaluation-harness plugin: ``--model ctp`` evaluates a compressed model, optionally behind a
+soft prompt, or compresses a base model in memory first.
+
+    ctp lm-eval --model ctp --model_args pretrained=DIR,prompt=PROMPT --tasks arc_easy
+    ctp lm-eval --model ctp --model_args pretrained=BASE,prune=magnitude,quant=nf4 --tasks ...
+
+``CTPLM`` is lm-eval's own ``HFLM`` handed a model ctp built (lm-eval's loader would pass
+``load_in_4bit``, which transformers 5 ignores, and would miss ctp's CPU fixes for 4-bit layers).
+Scoring is HFLM's: it already drops the logits of a prompt's virtual positions, so they are never
+scored and the same continuation tokens are scored with and without a prompt. Generation with a
+prompt is ctp's own (see ``_model_generate``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import resolve_max_length
+from lm_eval.models.utils_hf import stop_sequences_criteria
+from torch import nn
+
+from .._io import read_json
+from ..compress.pipeline import COMPRESSION_FILE, compress, resolve_device
+from ..compress.quantize import disable_cpu_packing_, float32_on_cpu_
+from ..config import CompressConfig, from_dict
+from ..errors import CTPError
+from ..models import is_quantized_dir, load_any, load_tokenizer, resolve_model
+from ..prompt.artifact import load_prompt_embeddings, read_prompt_meta
+from ..prompt.stitch import check_compatible
+
+log = logging.getLogger(__name__)
+
+# model_args that ask for in-memory compression; each is the CompressConfig field of that name.
+COMPRESS_ARGS = ("prune", "sparsity", "pattern", "magnitude_scope", "quant", "double_quant",
+                 "calib", "nsamples", "seqlen", "seed")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """lm-eval's ``dtype=`` as a torch dtype; None (auto) lets ctp choose (float32 on a CPU)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPES:
+        raise CTPError(f"dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _compress_in_memory(pretrained: str, args: dict[str, Any], device: torch.device,
+                        dtype: torch.dtype | None, tokenizer: Any,
+                        trust_remote_code: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """``compress(pretrained, CompressConfig(**args), out=None)``, made ready for inference."""
+    if is_quantized_dir(resolve_model(pretrained)):
+        raise CTPError(f"{pretrained} is already compressed; prune=/quant=/... compress a dense base")
+    # lm-eval parses "none" as None; ctp spells it "none"
+    values = {k: ("none" if v is None and k in ("prune", "quant") else v) for k, v in args.items()}
+    values |= {"device": "cuda" if device.type == "cuda" else "cpu",
+               "trust_remote_code": trust_remote_code}
+    config = from_dict(CompressConfig, values, where="model_args")
+    result = compress(pretrained, config, out=None, tokenizer=tokenizer, progress=False)
+    model = result.model
+    if config.quant == "none":
+        model = model.to(dtype or (torch.float32 if device.type == "cpu" else model.dtype))
+    else:  # the fixes load_any applies to a compressed folder (see ctp.models.load_any)
+        disable_cpu_packing_(model)
+        if device.type == "cpu" and dtype in (None, torch.float32):
+            float32_on_cpu_(model)
+    return model.eval(), result.report
+
+
+def _attach_prompt(prompt_dir: str, model: nn.Module, model_name: str, tokenizer: Any,
+                   report: dict[str, Any] | None) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    """Wrap ``model`` in the prompt's PEFT adapter after ctp's stitch checks.
+
+    ``report`` is the in-memory compression report: its base fingerprint stands in for the
+    ``ctp_compression.json`` that ``check_compatible`` reads from a folder (the fingerprint of
+    freshly pruned weights is not the base's, which would be a false warning).
+    """
+    from peft import PeftModel
+
+    embeddings = load_prompt_embeddings(prompt_dir)
+    meta = read_prompt_meta(prompt_dir)
+    checked = meta if report is None else {k: v for k, v in meta.items() if k != "base_fingerprint"}
+    warnings = check_compatible(prompt_dir, embeddings, checked, model_name, model, tokenizer)
+    want = meta.get("base_fingerprint")
+    if report is not None and want and want != report["base_fingerprint"]:
+        warnings.append(f"prompt {prompt_dir} was trained on base model {meta.get('base_model')} "
+                        f"(fingerprint {want}); {model_name} is another ({report['base_fingerprint']})")
+    for w in warnings:
+        log.warning(w)
+    return PeftModel.from_pretrained(model, prompt_dir).eval(), embeddings, warnings
+
+
+def _register_as_ctp(cls: type) -> type:
+    # Under `python -m` this file runs as __main__; main() then imports it by its real name, and
+    # only that class may be registered (a second class under "ctp" is an lm-eval error).
+    return cls if __name__ == "__main__" else register_model("ctp")(cls)
+
+
+@_register_as_ctp
+class CTPLM(HFLM):
+    """HFLM over a ctp-built model: a compressed (or dense) folder, an optional prompt folder,
+    or a base model compressed in memory when any of :data:`COMPRESS_ARGS` is given."""
+
+    def __init__(self, pretrained: str, prompt: str | None = None, device: str | None = None,
+                 dtype: str | torch.dtype | None = "auto", batch_size: int | str = 1,
+                 max_batch_size: int | None = 64, max_length: int | None = None,
+                 trust_remote_code: bool = False, **kwargs: Any) -> None:
+        """``pretrained``: a compressed or dense folder, hub id or ``embedded`` (the base model
+        when compressing); ``prompt``: a prompt folder; ``device``: default cuda if available;
+        ``dtype``: auto = float32 on a CPU; other ``kwargs``: :data:`COMPRESS_ARGS` or HFLM's."""
+        compress_args = {k: kwargs.pop(k) for k in COMPRESS_ARGS if k in kwargs}
+        if "peft" in kwargs or "delta" in kwargs:
+            raise CTPError("model_args peft=/delta= are not used by --model ctp; give prompt=FOLDER")
+        if "tokenizer" in kwargs:
+            raise CTPError("--model ctp uses the model folder's own tokenizer (prompts are tied to it)")
+        known = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:  # HFLM would silently drop them: it ignores **kwargs when handed a model
+            raise CTPError(f"unknown model_args {', '.join(unknown)}; --model ctp takes "
+                           f"pretrained, prompt, {', '.join(COMPRESS_ARGS)} and HFLM's own")
+        pretrained = str(pretrained)
+        torch_device = resolve_device(str(device) if device else "auto")
+        torch_dtype = _torch_dtype(dtype)
+        tokenizer = load_tokenizer(pretrained, trust_remote_code)
+        report = None
+        if compress_args:
+            model, report = _compress_in_memory(pretrained, compress_args, torch_device, torch_dtype,
+                                                tokenizer, trust_remote_code)
+            label = report["label"]
+        else:
+            model = load_any(pretrained, device=torch_device, dtype=torch_dtype,
+                             trust_remote_code=trust_remote_code)
+            meta = Path(resolve_model(pretrained)) / COMPRESSION_FILE
+            label = read_json(meta).get("label") if meta.exists() else None
+        self._base = model
+        self._prompt: torch.Tensor | None = None
+        warnings: list[str] = []
+        if prompt is not None:
+            model, self._prompt, warnings = _attach_prompt(str(prompt), model, pretrained,
+                                                           tokenizer, report)
+        self.num_virtual_tokens = 0 if self._prompt is None else self._prompt.shape[0]
+        self.ctp_info = {"pretrained": pretrained, "prompt": prompt, "compression": label,
+                         "compressed_in_memory": report is not None,
+                         "num_virtual_tokens": self.num_virtual_tokens, "warnings": warnings}
+        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                         max_batch_size=max_batch_size, max_length=max_length, **kwargs)
+        context = resolve_max_length(self.config, self.tokenizer, default=self._DEFAULT_MAX_LENGTH)
+        if self.num_virtual_tokens and self.max_length + self.num_virtual_tokens > context:
+            raise CTPError(f"max_length {self.max_length} plus {self.num_virtual_tokens} virtual "
+                           f"tokens exceeds the model's context of {context}")
+
+    @property
+    def max_length(self) -> int:
+        """Real tokens per forward pass: the model's context less the prompt's virtual tokens
+        (HFLM truncates and windows inputs to this length; the prompt must fit too)."""
+        if self._max_length:
+            return self._max_length
+        return resolve_max_length(self.config, self.tokenizer,
+                                  default=self._DEFAULT_MAX_LENGTH) - self.num_virtual_tokens
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
+                        **generation_kwargs: Any) -> torch.Tensor:
+        """Generate with the prompt placed right after each row's left padding.
+
+        PEFT's own ``generate`` is not used: with transformers 5 it misses the KV cache (which
+        transformers now passes as ``cache``, not ``past_key_values``) and re-inserts the prompt
+        at every decoding step, so even one request at a time goes wrong after two tokens. Here
+        the base model generates from ``inputs_embeds`` = [padding, prompt, tokens] with the
+        padding masked, so a padded row computes exactly what it would alone.
+        """
+        if self._prompt is None:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        mask = generation_kwargs.pop("attention_mask", None)
+        mask = torch.ones_like(context) if mask is None else mask.to(context.device)
+        if generation_kwargs.get("temperature", 0.0) == 0.0 and not generation_kwargs.get("do_sample"):
+            generation_kwargs.pop("temperature", None)  # greedy, as HFLM does
+            generation_kwargs["do_sample"] = False
+        tokens = self._base.get_input_embeddings()(context)
+        prompt = self._prompt.to(device=tokens.device, dtype=tokens.dtype)
+        rows, masks = [], []
+        for row, row_mask in zip(tokens, mask):
+            pad = int((row_mask == 0).sum())
+            if row_mask[:pad].any():  # HFLM pads generation batches on the left
+                raise RuntimeError("expected a left-padded generation batch")
+            rows.append(torch.cat([row[:pad], prompt, row[pad:]]))
+            masks.append(torch.cat([row_mask[:pad], row_mask.new_ones(len(prompt)), row_mask[pad:]]))
+        # generate() from embeddings returns only new tokens, and stop criteria see only those
+        stopping = stop_sequences_criteria(self.tokenizer, stop, 0, context.shape[0])
+        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                            enabled=self.mixed_precision_dtype is not None):
+            new = self._base.generate(
+                inputs_embeds=torch.stack(rows), attention_mask=torch.stack(masks),
+                max_new_tokens=max_length - context.shape[1], stopping_criteria=stopping,
+                pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs,
+            )
+        return torch.cat([context, new.to(context.device)], dim=1)  # HFLM slices the context off
+
+    def get_model_info(self) -> dict[str, Any]:
+        """What lm-eval records in the results' ``config``: ctp's provenance (no Hub lookups)."""
+        weight = self._base.get_input_embeddings().weight
+        return {"model_num_parameters": sum(p.numel() for p in self._base.parameters()),
+                "model_dtype": str(weight.dtype), "ctp": self.ctp_info}
+
+
+def register() -> None:
+    """Make ``--model ctp`` / ``simple_evaluate(model="ctp")`` resolve (idempotent).
+
+    Registers a lazy placeholder, so it costs only lm-eval's registry import; the copy that
+    ``ctp/__init__.py`` runs at import time must not import this (heavy) module.
+    """
+    import lm_eval.models  # noqa: F401  lm-eval's own names (it adds them only to an empty registry)
+    from lm_eval.api.registry import model_registry
+
+    if "ctp" not in model_registry:
+        model_registry.register("ctp", target="ctp.evaluate.lm_eval_plugin:CTPLM")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ctp lm-eval ARGS``: lm-eval's own command line, unchanged, with ``--model ctp`` known."""
+    from lm_eval.__main__ import cli_evaluate
+
+    importlib.import_module("ctp.evaluate.lm_eval_plugin")  # registers CTPLM, even under `-m`
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    try:
+        cli_evaluate()
+    except SystemExit as exc:  # --help, or argparse's usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except CTPError as exc:
+        print(f"ctp lm-eval: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

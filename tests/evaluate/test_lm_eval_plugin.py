@@ -1,0 +1,168 @@
+"""The lm-eval plugin (``--model ctp``): numbers equal lm-eval's own ``hf`` model with ``peft=``
+and naive computations written here; batching changes nothing; the CLI writes lm-eval's results."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from lm_eval.api.instance import Instance
+
+from ctp.compress.pipeline import compress
+from ctp.config import CompressConfig, PromptConfig
+from ctp.errors import CTPError
+from ctp.evaluate.lm_eval_plugin import CTPLM, register
+from ctp.models import load_any, load_tokenizer
+from ctp.prompt.artifact import load_prompt_embeddings
+from ctp.prompt.tune import tune_prompt
+
+TASKS = REPO / "tests" / "data" / "lm_eval_tasks"
+PAIRS = [("Numbers: one, two,", " three"), ("import numpy as", " np"), ("x", " = 1 + 2"),
+         ("def add(a, b):\n    return a + b\n\nprint(add(1, 2)) # prints", " 3, which is right")]
+TEXTS = ["Colours: red, orange, yellow, green.", "import torch\nx = torch.zeros(3)"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_dir):
+    """A tiny llama folder, a 4-token prompt tuned on it, and the two harness models."""
+    from lm_eval.models.huggingface import HFLM
+
+    model_dir = tiny_dir("llama")
+    prompt_dir = tmp_path_factory.mktemp("lm-eval") / "prompt"
+    text = torch.randint(0, 2048, (4000,), generator=torch.Generator().manual_seed(0))
+    tune_prompt(str(model_dir), PromptConfig(num_virtual_tokens=4, steps=3, seqlen=32, batch_size=2,
+                                             eval_every=3, eval_windows=4, init="random"),
+                prompt_dir, train_ids=text, val_ids=text[:1000], progress=False)
+    ctp = CTPLM(pretrained=str(model_dir), prompt=str(prompt_dir), device="cpu", batch_size=4)
+    hf = HFLM(pretrained=str(model_dir), peft=str(prompt_dir), device="cpu", dtype="float32",
+              batch_size=4)
+    return {"model": str(model_dir), "prompt": str(prompt_dir), "ctp": ctp, "hf": hf}
+
+
+def requests(kind, args):
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def naive_logprob(model, prompt, ids, first):
+    """Sum of log p(ids[t]) for t >= first, the prompt prepended by hand (its positions unscored)."""
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(torch.tensor([ids]))
+        logits = model(inputs_embeds=torch.cat([prompt[None], emb], 1)).logits[0].double()
+    logp, n = logits.log_softmax(-1), prompt.shape[0]
+    return sum(logp[n + t - 1, ids[t]].item() for t in range(first, len(ids)))
+
+
+def naive_greedy(model, prompt, tok, context, steps, until):
+    """Greedy decoding by full forward passes, no cache, no padding."""
+    ids = tok.encode(context)
+    new = []
+    for _ in range(steps):
+        with torch.no_grad():
+            emb = model.get_input_embeddings()(torch.tensor([ids + new]))
+            nxt = int(model(inputs_embeds=torch.cat([prompt[None], emb], 1)).logits[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            break
+        new.append(nxt)
+    text = tok.decode(new, skip_special_tokens=True)
+    return min((text.split(u)[0] for u in until), key=len)
+
+
+def test_scores_equal_hf_peft_and_a_naive_computation(setup):
+    lm, hf = setup["ctp"], setup["hf"]
+    assert (lm.max_length, hf.max_length) == (256 - 4, 256)  # the prompt's room comes off
+    ours, theirs = lm.loglikelihood(requests("loglikelihood", PAIRS)), hf.loglikelihood(requests("loglikelihood", PAIRS))
+    model, tok = load_any(setup["model"]), load_tokenizer(setup["model"])
+    prompt = load_prompt_embeddings(setup["prompt"])
+    naive = [naive_logprob(model, prompt, tok.encode(c + x), len(tok.encode(c))) for c, x in PAIRS]
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    assert max(abs(a[0] - b[0]) for a, b in zip(ours, theirs)) < 1e-4
+    assert max(abs(a[0] - b) for a, b in zip(ours, naive)) < 1e-4
+    bare = CTPLM(pretrained=setup["model"], device="cpu").loglikelihood(requests("loglikelihood", PAIRS))
+    assert max(abs(a[0] - b[0]) for a, b in zip(ours, bare)) > 1e-2  # the prompt is really there
+    # rolling: the prefix token (BOS) then every token of the text, each scored once
+    rolling = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in TEXTS]))
+    ref = hf.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in TEXTS]))
+    naive = [naive_logprob(model, prompt, [lm.prefix_token_id, *tok.encode(t)], 1) for t in TEXTS]
+    assert max(abs(a - b) for a, b in zip(rolling, naive)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(rolling, ref)) < 1e-4
+
+
+def test_batching_changes_nothing_and_generation_is_right(setup):
+    lm = setup["ctp"]
+    gen = {"until": ["\n\n", "."], "max_gen_toks": 6, "do_sample": False}
+    contexts = [c for c, _ in PAIRS]  # 4 to 21 tokens: the batch is left-padded
+    lm.batch_size_per_gpu = 4
+    ll4 = lm.loglikelihood(requests("loglikelihood", PAIRS))
+    gen4 = lm.generate_until(requests("generate_until", [(c, dict(gen)) for c in contexts]))
+    lm.batch_size_per_gpu = 1
+    ll1 = lm.loglikelihood(requests("loglikelihood", PAIRS))
+    gen1 = lm.generate_until(requests("generate_until", [(c, dict(gen)) for c in contexts]))
+    lm.batch_size_per_gpu = 4
+    assert max(abs(a[0] - b[0]) for a, b in zip(ll4, ll1)) < 1e-4
+    assert [g for _, g in ll4] == [g for _, g in ll1]
+    assert gen4 == gen1
+    model, tok = load_any(setup["model"]), load_tokenizer(setup["model"])
+    prompt = load_prompt_embeddings(setup["prompt"])
+    assert gen4 == [naive_greedy(model, prompt, tok, c, 6, gen["until"]) for c in contexts]
+
+
+def test_cli_writes_results_equal_to_simple_evaluate(setup, tmp_path, monkeypatch):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    args = f"pretrained={setup['model']},prompt={setup['prompt']}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctp.evaluate.lm_eval_plugin", "--model", "ctp", "--model_args", args,
+         "--tasks", "ctp_tiny_mc,ctp_tiny_gen,ctp_tiny_ppl", "--include_path", str(TASKS),
+         "--output_path", str(tmp_path / "out"), "--device", "cpu", "--batch_size", "4"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = (tmp_path / "out").rglob("results_*.json")
+    written = json.loads(path.read_text())
+    assert written["config"]["ctp"]["num_virtual_tokens"] == 4
+    assert written["n-samples"]["ctp_tiny_mc"]["effective"] == 6
+    register()  # what `import ctp` does: simple_evaluate(model="ctp") by name
+    monkeypatch.chdir(REPO)  # the task files name their data relative to the repository root
+    here = lm_eval.simple_evaluate(
+        model="ctp", model_args=args, tasks=["ctp_tiny_mc", "ctp_tiny_gen", "ctp_tiny_ppl"],
+        task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+        device="cpu", batch_size=4)
+    for task, metric in [("ctp_tiny_mc", "acc,none"), ("ctp_tiny_gen", "exact_match,none"),
+                         ("ctp_tiny_ppl", "word_perplexity,none")]:
+        assert here["results"][task][metric] == pytest.approx(written["results"][task][metric], rel=1e-6)
+
+
+@pytest.mark.parametrize("quant, label", [("none", "magnitude-50%"), ("nf4", "magnitude-50%+nf4")])
+def test_compression_on_the_fly_equals_a_compressed_folder(setup, tmp_path, quant, label):
+    folder = compress(setup["model"], CompressConfig(prune="magnitude", quant=quant), tmp_path / "mag",
+                      progress=False).out
+    # through lm-eval's own argument parsing (which turns "none" into None)
+    fly = CTPLM.create_from_arg_string(
+        f"pretrained={setup['model']},prompt={setup['prompt']},prune=magnitude,sparsity=0.5,quant={quant}",
+        {"device": "cpu", "batch_size": 4})
+    saved = CTPLM(pretrained=str(folder), prompt=setup["prompt"], device="cpu", batch_size=4)
+    assert fly.ctp_info["compression"] == saved.ctp_info["compression"] == label
+    assert fly.ctp_info["warnings"] == [] and fly.ctp_info["compressed_in_memory"]
+    a, b = (m.loglikelihood(requests("loglikelihood", PAIRS)) for m in (fly, saved))
+    assert max(abs(x[0] - y[0]) for x, y in zip(a, b)) < 1e-5
+    dense = setup["ctp"].loglikelihood(requests("loglikelihood", PAIRS))
+    assert max(abs(x[0] - y[0]) for x, y in zip(a, dense)) > 1e-3
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("prune=magnitude,sparsity=2", "sparsity must be in [0, 1), got 2"),
+    ("prune=pretty", "unknown pruning method 'pretty'"),
+    ("prune=magnitude,pattern=4:2", "N:M pattern needs 0 < N < M"),
+    ("sparsty=0.5", "unknown model_args sparsty"),
+    ("peft=somewhere", "give prompt=FOLDER"),
+    ("prompt={prompt},max_length=254", "max_length 254 plus 4 virtual tokens exceeds the model's context of 256"),
+])
+def test_bad_model_args_are_one_clear_ctp_error(setup, extra, message):
+    with pytest.raises(CTPError) as err:
+        CTPLM.create_from_arg_string(f"pretrained={setup['model']},{extra.format(**setup)}", {"device": "cpu"})
+    assert message in str(err.value)
