@@ -37,3 +37,23 @@ def __getattr__(name: str) -> Any:
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'ctp' has no attribute {name!r}")
+
+
+def _register_with_lm_eval() -> None:
+    """Let ``lm_eval.simple_evaluate(model="ctp")`` and ``--model ctp`` find the plugin.
+
+    lm-eval 0.4.13 discovers no plugins, so ``import ctp`` registers a lazy placeholder: the
+    registry imports in ~50 ms without torch, and the plugin (torch, transformers) loads only when
+    lm-eval asks for ``ctp``. lm-eval's own models must be imported first: it adds them only to an
+    empty registry.
+    """
+    try:
+        import lm_eval.models  # noqa: F401
+        from lm_eval.api.registry import model_registry
+    except ImportError:  # lm-eval missing or broken: the rest of ctp works without it
+        return
+    if "ctp" not in model_registry:
+        model_registry.register("ctp", target="ctp.evaluate.lm_eval_plugin:CTPLM")
+
+
+_register_with_lm_eval()

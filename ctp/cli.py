@@ -227,6 +227,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from .evaluate.lm_eval_plugin import main as lm_eval_main
+
+    return lm_eval_main(args.lm_eval_args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -353,6 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe entry, e.g. --set prompts.p10.config.steps=50 (repeatable)")
     common(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "lm-eval", help="run lm-evaluation-harness; --model ctp evaluates ctp models",
+        description="lm-evaluation-harness's own command line, every argument passed through "
+                    "unchanged, with --model ctp registered: --model_args pretrained=DIR (a "
+                    "compressed or dense folder), prompt=PROMPT (a prompt folder, attached after "
+                    "ctp's stitch checks), or a base model plus prune=, sparsity=, pattern=, quant=, "
+                    "calib=, nsamples=, seqlen= to compress it in memory first. "
+                    "`ctp lm-eval --help` shows lm-eval's help.",
+        usage="ctp lm-eval [LM_EVAL_ARGS...]",
+        add_help=False,  # --help goes to lm-eval
+        prefix_chars="\0",  # no flags of its own: argparse neither reorders nor rejects lm-eval's
+    )
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm-eval, as given")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser(
         "demo", help="the offline demo on the embedded model",

@@ -114,3 +114,18 @@ def test_compress_then_eval_end_to_end_in_a_subprocess(tmp_path, tiny_dir):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["ppl"]["t.txt"] > 1 and result["details"]["t.txt"]["seqlen"] == 32
+
+
+def test_lm_eval_passes_arguments_through(capsys):
+    assert main(["lm-eval", "--help"]) == 0
+    assert "lm-eval" in capsys.readouterr().out  # lm-eval's own help, not ctp's
+
+
+def test_import_ctp_registers_lm_eval_model_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, ctp; from lm_eval.api.registry import get_model; "
+            "assert 'torch' not in sys.modules; "
+            "assert get_model('ctp').__name__ == 'CTPLM'; get_model('hf')")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
