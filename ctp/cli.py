@@ -227,6 +227,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push
+
+    result = push(args.folder, args.repo, private=args.private, revision=args.revision,
+                  commit_message=args.commit_message, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"dry run, nothing uploaded: {result.kind} {args.folder} + model card staged in "
+              f"{result.staged} ({len(result.files)} files)", file=sys.stderr)
+    else:
+        print(f"pushed {result.kind} {args.folder} -> {result.url} ({len(result.files)} files)\n"
+              f"  commit {result.commit_url}", file=sys.stderr)
+    _emit(result.to_dict(), args.json)
+    return 0
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     from .evaluate.lm_eval_plugin import main as lm_eval_main
 
@@ -361,6 +376,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
+        "push", help="publish a compressed model, a prompt or a stitched pair to the Hugging Face Hub",
+        description="Upload a folder written by ctp compress, ctp tune-prompt or ctp stitch --out to a "
+                    "Hub model repo (created if missing): every file unchanged, plus a README.md model "
+                    "card generated from the folder's ctp metadata (a README.md already in the folder "
+                    "is uploaded instead). The token comes from HF_TOKEN or `hf auth login`, the Hub's "
+                    "address from HF_ENDPOINT.",
+    )
+    p.add_argument("folder", help="compressed model, prompt, or stitched pair folder")
+    p.add_argument("--repo", required=True, metavar="USER/NAME", help="model repo to push to")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if missing; default: main)")
+    p.add_argument("--commit-message", metavar="MSG", help="commit message (default: 'Upload <kind> with ctp')")
+    p.add_argument("--dry-run", action="store_true",
+                   help="stage the files and the card in a temporary ctp-push-* folder, upload nothing")
+    common(p)
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser(
         "lm-eval", help="run lm-evaluation-harness; --model ctp evaluates ctp models",
         description="lm-evaluation-harness's own command line, every argument passed through "
                     "unchanged, with --model ctp registered: --model_args pretrained=DIR (a "
@@ -394,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "bitsandbytes", "datasets", "httpx", "urllib3",
+    for noisy in ("transformers", "accelerate", "bitsandbytes", "datasets", "httpx", "httpx2", "urllib3",
                   "huggingface_hub", "filelock", "peft", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose and noisy != "matplotlib"
                                           else logging.ERROR)

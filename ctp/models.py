@@ -172,11 +172,9 @@ def load_any(
         )
     except (OSError, ValueError) as exc:
         raise CTPError(f"cannot load compressed model {name!r}: {str(exc).splitlines()[0]}") from None
-    from .compress.quantize import disable_cpu_packing_, float32_on_cpu_
+    from .compress.quantize import ready_for_cpu_or_gpu_
 
-    disable_cpu_packing_(model)  # exact NF4/FP4 scales, and gradients that flow (see there)
-    if device.type == "cpu" and dtype in (None, torch.float32):
-        float32_on_cpu_(model)
+    ready_for_cpu_or_gpu_(model, device, dtype)  # exact scales, gradients that flow, fp32 on CPU
     return model.eval()
 
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 
-from conftest import calib_ids, tiny_model
+from conftest import calib_ids, run_cli, tiny_model
 from ctp.compress.pipeline import compress
 from ctp.config import CompressConfig, PromptConfig
 from ctp.errors import CTPError
@@ -372,3 +372,35 @@ def test_card_metadata_from_the_json_files(tmp_path):
     data = _card_data(build_card(pair))
     assert data["base_model"] == "Qwen/Qwen2-0.5B" and "base_model_relation" not in data
     assert data["tags"] == ["ctp", "soft-prompt", "prompt-tuning"]
+
+
+def test_cli_push_dry_run_upload_and_401(hub, artifacts):
+    # a fresh process reads HF_ENDPOINT and HF_TOKEN itself; telemetry off: no agent-registry fetch
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    done = run_cli("push", str(artifacts["prompt"]), "--repo", "alice/p", "--dry-run", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    staged = Path(result["staged"])
+    try:
+        assert hub.requests == [] and "dry run, nothing uploaded" in done.stderr
+        assert (staged / "README.md").read_text() == result["card"] and result["kind"] == "prompt"
+    finally:
+        shutil.rmtree(staged)
+
+    done = run_cli("push", str(artifacts["compressed"]), "--repo", "alice/c", "--private", "--revision", "v2",
+                   "--commit-message", "hello", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["url"] == f"{hub.endpoint}/alice/c/tree/v2"
+    assert hub.commits == [{"summary": "hello", "description": ""}] and ("alice/c", "v2") in hub.files
+    create = next(r for r in hub.requests if r["path"] == "/api/repos/create")
+    assert json.loads(create["body"])["visibility"] == "private"
+    assert all(r["headers"]["authorization"] == f"Bearer {TOKEN}" for r in hub.requests)
+    assert TOKEN not in done.stdout + done.stderr
+
+    hub.fail = (401, {"error": "Invalid credentials in Authorization header"}, {})
+    done = run_cli("push", str(artifacts["prompt"]), "--repo", "alice/p", env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("ctp push: error: ") and done.stderr.count("\n") == 1  # needs httpx2 silenced
+    assert "401" in done.stderr and "hf auth login" in done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+    _assert_no_token(hub)

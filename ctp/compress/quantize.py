@@ -166,3 +166,11 @@ def float32_on_cpu_(model: nn.Module) -> None:
             state.dtype = torch.float32
         if getattr(module, "compute_dtype", None) in (torch.float16, torch.bfloat16):
             module.compute_dtype = torch.float32
+
+
+def ready_for_cpu_or_gpu_(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """What every quantized model ctp hands out gets: no CPU repacking (gradients flow, exact
+    scales) and, on a CPU without an explicit 16-bit ``dtype``, float32 arithmetic."""
+    disable_cpu_packing_(model)
+    if device.type == "cpu" and dtype in (None, torch.float32):
+        float32_on_cpu_(model)

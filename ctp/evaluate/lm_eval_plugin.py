@@ -30,7 +30,7 @@ from torch import nn
 
 from .._io import read_json
 from ..compress.pipeline import COMPRESSION_FILE, compress, resolve_device
-from ..compress.quantize import disable_cpu_packing_, float32_on_cpu_
+from ..compress.quantize import ready_for_cpu_or_gpu_
 from ..config import CompressConfig, from_dict
 from ..errors import CTPError
 from ..models import is_quantized_dir, load_any, load_tokenizer, resolve_model
@@ -72,9 +72,7 @@ def _compress_in_memory(pretrained: str, args: dict[str, Any], device: torch.dev
     if config.quant == "none":
         model = model.to(dtype or (torch.float32 if device.type == "cpu" else model.dtype))
     else:  # the fixes load_any applies to a compressed folder (see ctp.models.load_any)
-        disable_cpu_packing_(model)
-        if device.type == "cpu" and dtype in (None, torch.float32):
-            float32_on_cpu_(model)
+        ready_for_cpu_or_gpu_(model, device, dtype)
     return model.eval(), result.report
 
 

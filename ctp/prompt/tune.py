@@ -242,7 +242,8 @@ def tune_prompt(
     else:
         seqlen = min(DEFAULT_SEQLEN, (context - n) if context else DEFAULT_SEQLEN)
 
-    if train_ids is None or val_ids is None:
+    given_ids = train_ids is not None and val_ids is not None
+    if not given_ids:
         if tokenizer is None:
             raise CTPError("tune_prompt needs a tokenizer, or train_ids and val_ids")
         train_text, val_text = _training_text(config)
@@ -385,9 +386,9 @@ def tune_prompt(
         "warmup_steps": warmup,
         "processes": procs.world,
         "global_batch": per_step,
-        "training_data": {"source": source_label(config.data), "tokens": int(train_ids.numel()),
-                          "windows": int(chunks.shape[0])},
-        "validation_data": {"source": source_label(config.val_data or config.data),
+        "training_data": {"source": "tensor" if given_ids else source_label(config.data),
+                          "tokens": int(train_ids.numel()), "windows": int(chunks.shape[0])},
+        "validation_data": {"source": "tensor" if given_ids else source_label(config.val_data or config.data),
                             "split": "validation", "windows": int(val_windows.shape[0])},
         "val_ppl_without_prompt": baseline_ppl,
         "best_val_ppl": best["val_ppl"],
