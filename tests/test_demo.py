@@ -1,7 +1,6 @@
 """End-to-end: the demo recipe runs offline on the embedded model and its numbers are sane."""
 
 import json
-import time
 
 import pytest
 
@@ -21,7 +20,6 @@ def test_demo_quick_end_to_end(tmp_path):
     assert all("ppl" in row[0] for row in result["cells"])
     results = tmp_path / "demo" / "results"
     assert (results / "transfer.png").stat().st_size > 1000 and (results / "transfer.md").exists()
-    started = time.time()
     again = run_cli("demo", "--quick", "--workdir", str(tmp_path / "demo"), "--json", "--no-progress")
     assert json.loads(again.stdout)["cells"] == result["cells"]  # every step reused
-    assert "skipping" in again.stderr and time.time() - started < 60
+    assert again.stderr.count("done already, skipping") == 4  # 2 compressions, 1 prompt, the evaluation
