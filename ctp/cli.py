@@ -173,8 +173,11 @@ def cmd_stitch(args: argparse.Namespace) -> int:
     from .evaluate.api import evaluate
     from .prompt.stitch import save_stitched, stitch
 
+    from ._io import check_output_dir
     from .compress.pipeline import resolve_device
 
+    if args.out:
+        check_output_dir(args.out, args.overwrite)  # before any work
     result = stitch(args.prompt, args.model, device=str(resolve_device(args.device or "cpu")))
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -221,15 +221,22 @@ def _load_local(path: Path) -> list[str]:
     if path.is_dir():
         raise CTPError(f"{path} is a folder; give a .txt or .jsonl file")
     if path.suffix == ".jsonl":
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise CTPError(f"{path} is not UTF-8 text") from None
         docs = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                docs.append(json.loads(line)["text"])
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
+                text = None
+            if not isinstance(text, str):
                 raise CTPError(f"{path}:{number}: each line must be a JSON object with a "
-                               '"text" field') from None
+                               '"text" string')
+            docs.append(text)
         return docs
     try:
         return [path.read_text(encoding="utf-8")]

@@ -113,8 +113,8 @@ def run_demo(workdir: str | Path = "ctp-demo", quick: bool = False, progress: bo
     from .evaluate.transfer import transfer_table
     from .recipe import load_recipe, run_recipe
 
-    sets = [f"workdir={workdir}"] + (QUICK_SETS if quick else [])
-    recipe = load_recipe("demo", sets)
+    recipe = load_recipe("demo", QUICK_SETS if quick else [])
+    recipe.workdir = Path(workdir)  # a path, not YAML
     if quick:
         recipe.compress = {k: v for k, v in recipe.compress.items() if k in ("nf4", "wanda-50pct+nf4")}
     result = run_recipe(recipe, progress=progress)

@@ -33,12 +33,13 @@ from .compress.pipeline import COMPRESSION_FILE, compress, resolve_device
 from .config import CompressConfig, EvalConfig, PromptConfig, from_dict, to_dict
 from .errors import CTPError
 from .prompt.artifact import PROMPT_FILE
-from .prompt.tune import tune_prompt, work_dir
+from .prompt.artifact import find_checkpoint
+from .prompt.tune import _run_settings, tune_prompt, work_dir
 
 log = logging.getLogger(__name__)
 
 PACKAGED = Path(__file__).parent / "recipes"
-TOP_KEYS = {"model", "workdir", "compress", "prompts", "eval", "trust_remote_code"}
+TOP_KEYS = {"model", "workdir", "compress", "prompts", "eval"}
 
 
 @dataclass
@@ -101,12 +102,15 @@ def parse_recipe(data: Any, where: str) -> Recipe:
             raise CTPError(f"{at}: 'target' must name a compress target or 'dense', "
                            f"got {spec.get('target')!r}")
         prompt_steps[str(name)] = PromptStep(spec["target"], from_dict(PromptConfig, spec.get("config") or {}, where=f"{at}.config"))
+    eval_config = from_dict(EvalConfig, data.get("eval") or {}, where=f"{where}: eval")
+    if len(eval_config.ppl) != 1:
+        raise CTPError(f"{where}: eval.ppl: a recipe evaluates one test set, got {eval_config.ppl}")
     return Recipe(
         model=data["model"],
         workdir=Path(data.get("workdir") or "ctp-run"),
         compress=compress_steps,
         prompts=prompt_steps,
-        eval=from_dict(EvalConfig, data.get("eval") or {}, where=f"{where}: eval"),
+        eval=eval_config,
         source=where,
     )
 
@@ -130,9 +134,24 @@ def _done_compress(folder: Path, config: CompressConfig) -> bool:
     return meta.exists() and read_json(meta).get("compression") == to_dict(config)
 
 
-def _done_prompt(folder: Path, config: PromptConfig) -> bool:
+def _done_prompt(folder: Path, config: PromptConfig, target: str) -> bool:
+    """Finished with these settings on this very target (same folder, same compression)."""
     meta = folder / PROMPT_FILE
-    return meta.exists() and read_json(meta).get("prompt_config") == to_dict(config)
+    if not meta.exists():
+        return False
+    made = read_json(meta)
+    target_meta = Path(target) / COMPRESSION_FILE
+    compression = read_json(target_meta).get("compression") if target_meta.exists() else None
+    return (made.get("prompt_config") == to_dict(config) and made.get("model") == target
+            and made.get("compression") == compression)
+
+
+def _resumable(folder: Path, config: PromptConfig) -> bool:
+    """An interrupted run of the same prompt settings (else it is started over)."""
+    checkpoint = find_checkpoint(work_dir(folder))
+    if checkpoint is None:
+        return False
+    return read_json(checkpoint / "state.json")["settings"]["config"] == _run_settings(config)
 
 
 def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
@@ -153,10 +172,10 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     for name, step in recipe.prompts.items():
         folder = recipe.workdir / "prompts" / name
         target = recipe.model if step.target == "dense" else models[step.target]
-        if _done_prompt(folder, step.config):
+        if _done_prompt(folder, step.config, target):
             log.info("tune-prompt %s: done already, skipping", name)
         else:
-            resume = (work_dir(folder) / "checkpoint" / "state.json").exists()
+            resume = _resumable(folder, step.config)
             log.info("tune-prompt %s on %s -> %s%s", name, step.target, folder, " (resuming)" if resume else "")
             tune_prompt(target, step.config, folder, overwrite=True, resume=resume, progress=progress)
         prompts[name] = str(folder)
@@ -169,7 +188,8 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         return load_transfer(results)
     result = transfer(list(prompts.values()), list(models.values()), data=recipe.eval.ppl[0],
                       split=recipe.eval.split, seqlen=recipe.eval.seqlen, dense=recipe.model,
-                      max_windows=recipe.eval.max_windows, device=str(resolve_device(recipe.eval.device)),
+                      max_windows=recipe.eval.max_windows, batch_size=recipe.eval.batch_size,
+                      device=str(resolve_device(recipe.eval.device)),
                       progress=progress)
     result["recipe_key"] = key
     write_transfer(result, results, overwrite=True)

@@ -31,6 +31,12 @@ def test_local_files(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(CTPError, match="c.jsonl:1"):
         load_documents(str(tmp_path / "c.jsonl"))
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n{"text": 5}\n')
+    with pytest.raises(CTPError, match="d.jsonl:2"):
+        load_documents(str(tmp_path / "d.jsonl"))
+    (tmp_path / "e.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(CTPError, match="not UTF-8"):
+        load_documents(str(tmp_path / "e.jsonl"))
     with pytest.raises(CTPError, match="unknown text source"):
         load_documents(str(tmp_path / "missing.txt"))
 

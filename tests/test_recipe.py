@@ -30,6 +30,7 @@ def write(tmp_path, data, name="r.yaml"):
      "prompts.p.config: 'lr' must be float"),
     ({"model": "x", "eval": {"ppl": 3}}, "eval: 'ppl' must be"),
     ({"compress": {}}, "'model' must name"),
+    ({"model": "x", "eval": {"ppl": ["embedded", "wikitext2"]}}, "one test set"),
 ])
 def test_validation_errors_name_the_key_and_the_file(tmp_path, data, message):
     path = write(tmp_path, data)
@@ -102,3 +103,29 @@ def test_run_resumes_after_an_interrupted_step(tmp_path, tiny_dir, monkeypatch):
     again = run_recipe(recipe, progress=False)  # everything done: nothing recomputed
     assert (tmp_path / "work" / "results" / "transfer.json").stat().st_mtime == stamp
     assert again["cells"] == json.loads((tmp_path / "work" / "results" / "transfer.json").read_text())["cells"]
+
+
+def test_a_prompt_is_retuned_when_its_target_changes(tmp_path, tiny_dir, monkeypatch):
+    from ctp.data import embedded_corpus_dir
+
+    corpus = embedded_corpus_dir()
+    (tmp_path / "train.txt").write_text((corpus / "train.txt").read_text()[:30_000])
+    (tmp_path / "val.txt").write_text((corpus / "validation.txt").read_text()[:10_000])
+    data = {
+        "model": str(tiny_dir("llama")), "workdir": str(tmp_path / "work"),
+        "compress": {"m": {"prune": "magnitude", "sparsity": 0.5, "quant": "none"}},
+        "prompts": {"p": {"target": "m", "config": {
+            "num_virtual_tokens": 2, "data": str(tmp_path / "train.txt"), "val_data": str(tmp_path / "val.txt"),
+            "steps": 2, "seqlen": 32, "batch_size": 2, "eval_every": 2, "eval_windows": 2, "device": "cpu"}}},
+        "eval": {"ppl": [str(tmp_path / "val.txt")], "seqlen": 32, "max_windows": 2, "device": "cpu"},
+    }
+    path = write(tmp_path, data)
+    run_recipe(load_recipe(path), progress=False)
+    calls = []
+    real = recipe_mod.tune_prompt
+    monkeypatch.setattr(recipe_mod, "tune_prompt", lambda *a, **k: calls.append(a) or real(*a, **k))
+    run_recipe(load_recipe(path), progress=False)
+    assert calls == []  # nothing changed
+    result = run_recipe(load_recipe(path, ["compress.m.sparsity=0.75"]), progress=False)
+    assert len(calls) == 1  # the target changed: its prompt is tuned again
+    assert result["prompts"][0]["label"] == "prompt@magnitude-75%"

@@ -92,7 +92,9 @@ def compress(
     """Prune and quantize a causal LM; save it as a standard checkpoint when ``out`` is given.
 
     Args:
-        model: hub id, local folder, ``"embedded"``, or a loaded model (pruned in place).
+        model: hub id, local folder, ``"embedded"``, or a loaded model. A loaded model is
+            consumed: it is pruned in place, saved, and its weights are released (moved to the
+            ``meta`` device) before the result is reloaded -- use ``result.model`` afterwards.
         config: what to do (defaults: Wanda 50% unstructured, then NF4).
         out: output folder, written atomically (temporary folder, then rename); ``None`` keeps
             the result in memory only.

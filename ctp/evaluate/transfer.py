@@ -52,6 +52,7 @@ def transfer(
     seqlen: int | None = None,
     dense: str | None = None,
     max_windows: int | None = None,
+    batch_size: int = 1,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -82,7 +83,7 @@ def transfer(
     if seqlen is None:
         seqlen = default_seqlen(dense_model, longest)
     ids = tokenize(load_tokenizer(dense), text)
-    dense_ppl = perplexity_of_ids(dense_model, ids, seqlen, max_windows=max_windows,
+    dense_ppl = perplexity_of_ids(dense_model, ids, seqlen, batch_size=batch_size, max_windows=max_windows,
                                   progress=progress, desc="dense").ppl
     del dense_model
     rows, cells = [], []
@@ -90,7 +91,7 @@ def transfer(
         model = load_any(model_dir, device=device)
         tokenizer = load_tokenizer(model_dir)
         model_ids = tokenize(tokenizer, text)
-        bare = perplexity_of_ids(model, model_ids, seqlen, max_windows=max_windows,
+        bare = perplexity_of_ids(model, model_ids, seqlen, batch_size=batch_size, max_windows=max_windows,
                                  progress=progress, desc=model_label(model_dir)).ppl
         rows.append({"model": model_dir, "label": model_label(model_dir), "ppl": bare,
                      "gap_vs_dense": bare / dense_ppl - 1})
@@ -104,7 +105,7 @@ def transfer(
                 row.append({"error": str(exc)})
                 continue
             ppl = perplexity_of_ids(model, model_ids, seqlen, prompt=tensors[prompt_dir],
-                                    max_windows=max_windows, progress=progress,
+                                    batch_size=batch_size, max_windows=max_windows, progress=progress,
                                     desc=f"{model_label(model_dir)} + {prompt_label(prompt_dir)}").ppl
             row.append({"ppl": ppl, "recovered": gap_recovered(dense_ppl, bare, ppl)})
         cells.append(row)

@@ -85,6 +85,16 @@ def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict[
     shutil.rmtree(old, ignore_errors=True)
 
 
+def find_checkpoint(work: Path) -> Path | None:
+    """The complete checkpoint in a run's work folder: ``checkpoint``, or ``checkpoint.old``
+    when a crash hit :func:`save_checkpoint` between its two renames."""
+    for name in ("checkpoint", "checkpoint.old"):
+        folder = work / name
+        if (folder / "state.json").exists() and (folder / "tensors.safetensors").exists():
+            return folder
+    return None
+
+
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint written by :func:`save_checkpoint`."""
     if not (folder / "state.json").exists() or not (folder / "tensors.safetensors").exists():

@@ -23,7 +23,7 @@ from .._io import atomic_dir, read_json, write_json
 from ..compress.pipeline import COMPRESSION_FILE
 from ..errors import CTPError
 from ..evaluate.perplexity import model_context
-from ..models import load_any, load_tokenizer, tokenizer_fingerprint, weights_fingerprint
+from ..models import load_any, load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
 from .artifact import load_prompt_embeddings, read_prompt_meta
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,12 @@ def save_stitched(prompt_dir: str, model_dir: str, out: str | os.PathLike, overw
     """Write a deployable folder: the target checkpoint's files plus ``prompt/`` (the adapter)
     and ``ctp_stitch.json``. Load it with ``from_pretrained(out)`` then
     ``PeftModel.from_pretrained(model, out + "/prompt")``."""
+    source = Path(resolve_model(model_dir))
+    if not source.is_dir():
+        raise CTPError(f"--out needs a local model folder to copy; {model_dir} is not one "
+                       "(download it first, e.g. with `hf download`)")
     with atomic_dir(out, overwrite) as staging:
-        for item in Path(model_dir).iterdir():
+        for item in source.iterdir():
             if item.is_file():
                 shutil.copy2(item, staging / item.name)
         shutil.copytree(prompt_dir, staging / "prompt")

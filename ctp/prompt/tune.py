@@ -35,8 +35,8 @@ from ..data import load_documents, source_label, tokenize
 from ..errors import CTPError
 from ..evaluate.perplexity import model_context, token_nlls, window_nlls, windows_of
 from ..models import load_any, load_tokenizer, tokenizer_fingerprint, weights_fingerprint
-from .artifact import (load_checkpoint, optimizer_from_checkpoint, optimizer_to_checkpoint,
-                       save_checkpoint, write_prompt_folder)
+from .artifact import (find_checkpoint, load_checkpoint, optimizer_from_checkpoint,
+                       optimizer_to_checkpoint, save_checkpoint, write_prompt_folder)
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,20 @@ class _Processes:
     def main(self) -> bool:
         return self.rank == 0
 
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over processes in place (reduced on this process's device: NCCL
+        reduces only CUDA tensors)."""
+        if self.world > 1:
+            on_device = tensor.to(self.device)
+            torch.distributed.all_reduce(on_device)
+            tensor.copy_(on_device)
+        return tensor
+
     def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average ``tensor`` over processes in place."""
         if self.world > 1:
-            torch.distributed.all_reduce(tensor)
+            self.sum_(tensor)
             tensor /= self.world
-        return tensor
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(tensor)
         return tensor
 
     def barrier(self) -> None:
@@ -208,7 +212,10 @@ def tune_prompt(
     work = work_dir(out) if out is not None else None
     if out is not None:
         check_output_dir(out, overwrite)
-        has_checkpoint = (work / "checkpoint" / "state.json").exists()
+        has_checkpoint = find_checkpoint(work) is not None
+        if overwrite and not resume and has_checkpoint and procs.main:
+            shutil.rmtree(work, ignore_errors=True)  # --overwrite starts over
+            has_checkpoint = False
         if resume and not has_checkpoint:
             raise CTPError(f"--resume: no checkpoint to resume in {work}")
         if has_checkpoint and not resume and not overwrite:
@@ -265,16 +272,18 @@ def tune_prompt(
     prompt = nn.Parameter(_init_prompt(config, embed, tokenizer).to(device))
     optimizer = torch.optim.AdamW([prompt], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps, warmup))
+    record = _model_record(None if model_dir is None else str(model_dir), model)
     settings = {"config": _run_settings(config), "steps": steps, "world": procs.world,
                 "train_tokens": int(train_ids.numel()), "val_tokens": int(val_ids.numel()),
-                "hidden": hidden, "model": str(model_dir)}
+                "hidden": hidden, "model": str(model_dir),
+                "model_identity": [record.get("base_fingerprint"), record.get("compression")]}
     history: dict[str, list] = {"step": [], "train_loss": [], "eval_step": [], "val_ppl": []}
     best = {"val_ppl": math.inf, "step": 0}
     best_prompt = prompt.detach().clone()
     start_step = 0
 
     if resume:
-        tensors, state = load_checkpoint(work / "checkpoint")
+        tensors, state = load_checkpoint(find_checkpoint(work))
         if state["settings"] != settings:
             diff = sorted(k for k in set(settings) | set(state["settings"])
                           if settings.get(k) != state["settings"].get(k))
@@ -376,7 +385,7 @@ def tune_prompt(
 
     meta = {
         "ctp_version": __version__,
-        **_model_record(None if model_dir is None else str(model_dir), model),
+        **record,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         "hidden_size": hidden,
         "num_virtual_tokens": n,

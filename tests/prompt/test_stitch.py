@@ -116,3 +116,24 @@ def test_save_stitched_pair_loads_with_plain_transformers_and_peft(family, tmp_p
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "prompt")
     assert model.active_peft_config.num_virtual_tokens == 4
     assert main(["stitch", family["prompt"], family["b"], "--out", str(out)]) == 2  # no overwrite
+
+
+def test_stitch_out_needs_a_local_model_folder(family, tmp_path, capfd):
+    capfd.readouterr()
+    assert main(["stitch", family["prompt"], "no-org/no-model", "--out", str(tmp_path / "o")]) == 2
+    assert len(capfd.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_survives_a_crash_between_renames(tmp_path):
+    import os
+
+    from ctp.prompt.artifact import find_checkpoint, load_checkpoint, save_checkpoint
+
+    work = tmp_path / "run.work"
+    save_checkpoint(work / "checkpoint", {"prompt": torch.ones(2, 3)}, {"step": 4})
+    os.replace(work / "checkpoint", work / "checkpoint.old")  # as if killed mid-save
+    found = find_checkpoint(work)
+    assert found == work / "checkpoint.old"
+    tensors, state = load_checkpoint(found)
+    assert state["step"] == 4 and torch.equal(tensors["prompt"], torch.ones(2, 3))
