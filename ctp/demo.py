@@ -1,8 +1,6 @@
-"""The offline demo: compress the embedded model several ways, tune a prompt, measure on test.
-
-``compare()`` is also what the benchmark scripts in ``eval/`` call, so the README's tables and
-the demo come from one code path. Finished models found in the work folder (same config) are
-reused, so an interrupted run picks up where it stopped.
+"""The offline demo (``run_demo``: the packaged demo recipe) and ``compare()``, which the
+compression benchmark in ``eval/`` uses: compress one model several ways and measure each,
+reusing finished models found in the work folder (same config).
 """
 
 from __future__ import annotations
@@ -21,14 +19,6 @@ log = logging.getLogger(__name__)
 
 # Calibration for the embedded model: 128 windows of its full 512-token context.
 EMBEDDED_CALIB = dict(calib="embedded", nsamples=128, seqlen=512, seed=0)
-
-DEMO_TARGETS: list[CompressConfig] = [
-    CompressConfig(prune="none", quant="nf4", **EMBEDDED_CALIB),
-    CompressConfig(prune="magnitude", sparsity=0.5, quant="nf4", **EMBEDDED_CALIB),
-    CompressConfig(prune="wanda", sparsity=0.5, quant="nf4", **EMBEDDED_CALIB),
-    CompressConfig(prune="wanda", pattern="2:4", quant="nf4", **EMBEDDED_CALIB),
-]
-
 
 def slug(config: CompressConfig) -> str:
     """A folder-safe name for a config's label, e.g. ``wanda-50pct+nf4``."""

@@ -118,11 +118,6 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return weight.detach().float()
 
 
-def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear and its bitsandbytes subclasses."""
-    return isinstance(module, nn.Linear)
-
-
 def disable_cpu_packing_(model: nn.Module) -> int:
     """Keep bitsandbytes 4-bit layers on their plain (dequantize + matmul) CPU path.
 
