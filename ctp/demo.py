@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .compress.pipeline import COMPRESSION_FILE, compress
-from .config import CompressConfig, EvalConfig, to_dict
+from .compress.pipeline import COMPRESSION_FILE, compress, is_complete
+from .config import CompressConfig, EvalConfig
 from .evaluate.api import evaluate
 
 log = logging.getLogger(__name__)
@@ -23,11 +23,6 @@ EMBEDDED_CALIB = dict(calib="embedded", nsamples=128, seqlen=512, seed=0)
 def slug(config: CompressConfig) -> str:
     """A folder-safe name for a config's label, e.g. ``wanda-50pct+nf4``."""
     return re.sub(r"[^A-Za-z0-9+._-]", "-", config.label().replace("%", "pct").replace(":", "of"))
-
-
-def _is_complete(folder: Path, config: CompressConfig) -> bool:
-    meta = folder / COMPRESSION_FILE
-    return meta.exists() and json.loads(meta.read_text()).get("compression") == to_dict(config)
 
 
 def compare(
@@ -50,7 +45,7 @@ def compare(
         rows.append({"label": "dense", "model": model, "ppl": result["ppl"]})
     for config in targets:
         folder = workdir / "models" / slug(config)
-        if _is_complete(folder, config):
+        if is_complete(folder, config):
             log.info("reusing %s", folder)
             report = json.loads((folder / COMPRESSION_FILE).read_text())
         else:

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from ._io import read_json
-from .compress.pipeline import COMPRESSION_FILE, compress, resolve_device
+from .compress.pipeline import COMPRESSION_FILE, compress, is_complete, resolve_device
 from .config import CompressConfig, EvalConfig, PromptConfig, from_dict, to_dict
 from .errors import CTPError
 from .prompt.artifact import PROMPT_FILE
@@ -129,11 +129,6 @@ def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
     return parse_recipe(apply_sets(data or {}, sets or [], str(path)), str(path))
 
 
-def _done_compress(folder: Path, config: CompressConfig) -> bool:
-    meta = folder / COMPRESSION_FILE
-    return meta.exists() and read_json(meta).get("compression") == to_dict(config)
-
-
 def _done_prompt(folder: Path, config: PromptConfig, target: str) -> bool:
     """Finished with these settings on this very target (same folder, same compression)."""
     meta = folder / PROMPT_FILE
@@ -162,7 +157,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     models: dict[str, str] = {}
     for name, config in recipe.compress.items():
         folder = recipe.workdir / "models" / name
-        if _done_compress(folder, config):
+        if is_complete(folder, config):
             log.info("compress %s: done already, skipping", name)
         else:
             log.info("compress %s -> %s", name, folder)

@@ -34,6 +34,7 @@ from ctp.compress.pipeline import compress  # noqa: E402
 from ctp.config import CompressConfig, PromptConfig  # noqa: E402
 from ctp.data import load_text, tokenize  # noqa: E402
 from ctp.demo import EMBEDDED_CALIB, slug  # noqa: E402
+from ctp.evaluate.transfer import gap_recovered  # noqa: E402
 from ctp.evaluate.perplexity import perplexity_of_ids, token_nlls, window_nlls  # noqa: E402
 from ctp.models import load_any, load_tokenizer, resolve_model  # noqa: E402
 from ctp.prompt.tune import _lr_lambda, spread_windows, tune_prompt, windows_of  # noqa: E402
@@ -158,11 +159,6 @@ def run_peft(folder: Path, data: Data, method: str, settings: dict) -> dict:
             "seconds_per_step": train_time / config.steps, "best_val_ppl": best}
 
 
-def recovery(compressed: float, prompted: float, dense: float) -> float | None:
-    gap = math.log(compressed) - math.log(dense)
-    return None if gap == 0 else (math.log(compressed) - math.log(prompted)) / gap
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["study", "recovery"], required=True)
@@ -208,7 +204,7 @@ def main() -> None:
         run = run_prompt(folder, data, settings) if method == "prompt" else run_peft(folder, data, method, settings)
         row = {"part": args.part, "name": name, "target": label, "method": method, "settings": settings,
                "dense_ppl": dense, "compressed_ppl": compressed, **run,
-               "recovery": recovery(compressed, run["ppl"], dense), "wall_seconds": round(time.time() - started, 1)}
+               "recovery": gap_recovered(dense, compressed, run["ppl"]), "wall_seconds": round(time.time() - started, 1)}
         print(json.dumps(row), flush=True)
         done[(args.part, name)] = row
         with log_path.open("a") as fh:

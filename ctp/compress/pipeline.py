@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .._io import atomic_dir, check_output_dir, write_json
+from .._io import atomic_dir, check_output_dir, read_json, write_json
 from ..config import CompressConfig, to_dict
 from ..data import calibration_ids, source_label
 from ..errors import CTPError
@@ -27,7 +27,7 @@ from .quantize import bnb_config, dense_weight, modules_to_skip, require_bnb
 log = logging.getLogger(__name__)
 
 COMPRESSION_FILE = "ctp_compression.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -37,6 +37,12 @@ class CompressResult:
     model: nn.Module
     report: dict[str, Any]
     out: Path | None
+
+
+def is_complete(folder: str | Path, config: CompressConfig) -> bool:
+    """Whether ``folder`` holds a finished compression made with exactly ``config``."""
+    meta = Path(folder) / COMPRESSION_FILE
+    return meta.exists() and read_json(meta).get("compression") == to_dict(config)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -120,8 +126,8 @@ def compress(
         name = model
         hf_config = check_supported(name, config.trust_remote_code)
         stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-        stored_dtype = _DTYPES.get(str(stored).replace("torch.", ""), torch.float16)
-        work_dtype = (_DTYPES[config.dtype] if config.dtype != "auto"
+        stored_dtype = DTYPES.get(str(stored).replace("torch.", ""), torch.float16)
+        work_dtype = (DTYPES[config.dtype] if config.dtype != "auto"
                       else torch.float32 if device.type == "cpu" else stored_dtype)
         model = load_model(name, dtype=work_dtype, device="cpu",
                            trust_remote_code=config.trust_remote_code, revision=config.revision)
@@ -144,7 +150,7 @@ def compress(
     pruned = sparsity_of({n: m.weight.detach() for n, m in decoder_linears(model).items()})
     pruned.pop("by_matrix")
 
-    compute_dtype = (_DTYPES[config.compute_dtype] if config.compute_dtype != "auto"
+    compute_dtype = (DTYPES[config.compute_dtype] if config.compute_dtype != "auto"
                      else torch.bfloat16 if device.type == "cuda" else torch.float32)
     staging_ctx = atomic_dir(out, overwrite) if out is not None else _scratch_dir()
     with staging_ctx as staging:

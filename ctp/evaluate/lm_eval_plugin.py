@@ -29,7 +29,7 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 from torch import nn
 
 from .._io import read_json
-from ..compress.pipeline import COMPRESSION_FILE, compress, resolve_device
+from ..compress.pipeline import COMPRESSION_FILE, DTYPES, compress, resolve_device
 from ..compress.quantize import ready_for_cpu_or_gpu_
 from ..config import CompressConfig, from_dict
 from ..errors import CTPError
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 # model_args that ask for in-memory compression; each is the CompressConfig field of that name.
 COMPRESS_ARGS = ("prune", "sparsity", "pattern", "magnitude_scope", "quant", "double_quant",
                  "calib", "nsamples", "seqlen", "seed")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -51,9 +50,9 @@ def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     if dtype == "auto":
         return None
-    if dtype not in _DTYPES:
-        raise CTPError(f"dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise CTPError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
 
 
 def _compress_in_memory(pretrained: str, args: dict[str, Any], device: torch.device,
