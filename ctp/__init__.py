@@ -20,7 +20,7 @@ _API = {
     "load_any": "ctp.models",
     "tune_prompt": "ctp.prompt.tune",
     "TuneResult": "ctp.prompt.tune",
-    "load_prompt_embeddings": "ctp.prompt.artifact",
+    "load_prompt_embeddings": "ctp.artifacts",
     "stitch": "ctp.prompt.stitch",
     "transfer": "ctp.evaluate.transfer",
     "load_recipe": "ctp.recipe",
@@ -40,20 +40,9 @@ def __getattr__(name: str) -> Any:
 
 
 def _register_with_lm_eval() -> None:
-    """Let ``lm_eval.simple_evaluate(model="ctp")`` and ``--model ctp`` find the plugin.
+    from .evaluate.lm_eval_registry import register
 
-    lm-eval 0.4.13 discovers no plugins, so ``import ctp`` registers a lazy placeholder: the
-    registry imports in ~50 ms without torch, and the plugin (torch, transformers) loads only when
-    lm-eval asks for ``ctp``. lm-eval's own models must be imported first: it adds them only to an
-    empty registry.
-    """
-    try:
-        import lm_eval.models  # noqa: F401
-        from lm_eval.api.registry import model_registry
-    except ImportError:  # lm-eval missing or broken: the rest of ctp works without it
-        return
-    if "ctp" not in model_registry:
-        model_registry.register("ctp", target="ctp.evaluate.lm_eval_plugin:CTPLM")
+    register()
 
 
 _register_with_lm_eval()

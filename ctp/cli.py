@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .config import CompressConfig, EvalConfig, PromptConfig, from_dict
+from .config import SPLITS, CompressConfig, EvalConfig, PromptConfig, from_dict
 from .errors import CTPError
 
 log = logging.getLogger("ctp")
@@ -38,15 +38,14 @@ def _scalar_type(annotation: Any) -> Any:
     return args[0] if args else annotation
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
-                     choices: dict[str, Sequence[str]] | None = None) -> None:
-    """One flag per config field (``--kebab-case``), help text from the field's metadata.
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One flag per config field (``--kebab-case``), help text and choices from the field's
+    metadata.
 
     Flags default to ``None`` so that only what the user typed overrides a recipe or default.
     Booleans get a ``--no-`` form.
     """
     hints = typing.get_type_hints(cls)
-    choices = choices or {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -61,7 +60,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
                                 type=lambda s: [p for p in s.split(",") if p])
         else:
             parser.add_argument(_flag(f.name), type=kind, default=None, help=text,
-                                choices=choices.get(f.name))
+                                choices=f.metadata.get("choices"))
 
 
 def config_from_flags(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None):
@@ -170,26 +169,25 @@ def cmd_tune_prompt(args: argparse.Namespace) -> int:
 
 
 def cmd_stitch(args: argparse.Namespace) -> int:
+    from .artifacts import check_output_dir
     from .evaluate.api import evaluate
     from .prompt.stitch import save_stitched, stitch
 
-    from ._io import check_output_dir
-    from .compress.pipeline import resolve_device
-
     if args.out:
         check_output_dir(args.out, args.overwrite)  # before any work
-    result = stitch(args.prompt, args.model, device=str(resolve_device(args.device or "cpu")))
+    config = config_from_flags(EvalConfig, args) if args.ppl else None
+    result = stitch(args.prompt, args.model, device=args.device or "auto")  # the one model load
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     report: dict[str, Any] = {"prompt": args.prompt, "model": args.model, "warnings": result.warnings,
                               "num_virtual_tokens": int(result.prompt.shape[0])}
-    if args.ppl:
-        config = config_from_flags(EvalConfig, args)
-        bare = evaluate(args.model, config, progress=not args.no_progress)
-        prompted = evaluate(args.model, config, prompt=args.prompt, progress=not args.no_progress)
-        report["ppl"] = {"without_prompt": bare["ppl"], "with_prompt": prompted["ppl"]}
-        print(ppl_table([(args.model, bare["ppl"]), (f"{args.model} + {args.prompt}", prompted["ppl"])]),
-              file=sys.stderr)
+    if config is not None:
+        measured = evaluate(result.base, config, prompt=result.prompt, progress=not args.no_progress,
+                            tokenizer=result.tokenizer, with_and_without=True)
+        report["ppl"] = {"without_prompt": measured["ppl_without_prompt"], "with_prompt": measured["ppl"]}
+        report["seqlen"] = {k: v["seqlen"] for k, v in measured["details"].items()}
+        print(ppl_table([(args.model, measured["ppl_without_prompt"]),
+                         (f"{args.model} + {args.prompt}", measured["ppl"])]), file=sys.stderr)
     if args.out:
         save_stitched(args.prompt, args.model, args.out, overwrite=args.overwrite, extra=report)
         print(f"saved model + prompt -> {args.out}", file=sys.stderr)
@@ -203,7 +201,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from .evaluate.transfer import transfer, transfer_table, write_transfer
 
     if args.out:
-        from ._io import check_output_dir
+        from .artifacts import check_output_dir
 
         check_output_dir(args.out, args.overwrite)
     result = transfer(args.prompts, args.models, data=args.ppl, split=args.split, seqlen=args.seqlen,
@@ -291,10 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="hub id, local folder, or 'embedded' (the bundled small Llama)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    add_config_flags(p, CompressConfig, choices={
-        "prune": ("wanda", "magnitude", "none"), "quant": ("nf4", "fp4", "int8", "none"),
-        "device": ("auto", "cpu", "cuda"), "magnitude_scope": ("matrix", "row"),
-    })
+    add_config_flags(p, CompressConfig)
     common(p)
     p.set_defaults(func=cmd_compress)
 
@@ -306,8 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="model folder (dense or compressed), hub id, or 'embedded'")
     p.add_argument("--prompt", help="prompt folder (PEFT prompt-tuning adapter) to prepend")
-    add_config_flags(p, EvalConfig, choices={"device": ("auto", "cpu", "cuda"),
-                                             "split": ("train", "validation", "test")})
+    add_config_flags(p, EvalConfig)
     common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -324,9 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="prompt folder to write")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.work")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and discard OUT.work)")
-    add_config_flags(p, PromptConfig, choices={"device": ("auto", "cpu", "cuda"),
-                                               "schedule": ("linear", "cosine", "constant"),
-                                               "precision": ("auto", "fp32", "bf16")})
+    add_config_flags(p, PromptConfig)
     common(p)
     p.set_defaults(func=cmd_tune_prompt)
 
@@ -341,8 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="target model folder")
     p.add_argument("--out", help="write model + prompt/ + ctp_stitch.json here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    add_config_flags(p, EvalConfig, choices={"device": ("auto", "cpu", "cuda"),
-                                             "split": ("train", "validation", "test")})
+    add_config_flags(p, EvalConfig)
     p.set_defaults(ppl=None)
     common(p)
     p.set_defaults(func=cmd_stitch)
@@ -356,11 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", nargs="+", required=True, help="prompt folders")
     p.add_argument("--models", nargs="+", required=True, help="compressed model folders")
     p.add_argument("--ppl", default="embedded", help="test set (default: embedded)")
-    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--seqlen", type=int, help="window length for every cell")
     p.add_argument("--dense", help="the uncompressed base (default: from the first model's metadata)")
     p.add_argument("--max-windows", type=int, help="score at most this many windows")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--out", help="folder for transfer.md / .json / .png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     common(p)

@@ -18,14 +18,36 @@ from .errors import CTPError
 
 PRUNE_METHODS = ("wanda", "magnitude", "none")
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+MAGNITUDE_SCOPES = ("matrix", "row")
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+SPLITS = ("train", "validation", "test")
+INITS = ("vocab", "sample-vocab", "random")  # and text:...
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 T = TypeVar("T")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _help(text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Field metadata: the help text and, when the value is one of a fixed set, the choices
+    (checked by :func:`check_choices`; the CLI offers them)."""
+    return {"help": text, "choices": choices} if choices else {"help": text}
+
+
+def check_device(device: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; anything else is a CTPError."""
+    if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
+        raise CTPError(f"unknown device {device!r}; choose from auto, cpu, cuda or cuda:N")
+
+
+def check_choices(config: Any) -> None:
+    """Every field whose metadata lists choices holds one of them."""
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            raise CTPError(f"unknown {f.name} {value!r}; choose from {', '.join(choices)}")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -45,7 +67,8 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 class CompressConfig:
     """How to compress a model: prune (optionally), then quantize (optionally)."""
 
-    prune: str = field(default="wanda", metadata=_help("pruning metric: wanda, magnitude or none"))
+    prune: str = field(default="wanda", metadata=_help("pruning metric: wanda, magnitude or none",
+                                                       PRUNE_METHODS))
     sparsity: float | None = field(
         default=None,
         metadata=_help("fraction of each decoder Linear's weights set to zero, in [0, 1); "
@@ -58,14 +81,17 @@ class CompressConfig:
     )
     magnitude_scope: str = field(
         default="matrix",
-        metadata=_help("magnitude pruning threshold: one per matrix (Wanda's baseline) or per row"),
+        metadata=_help("magnitude pruning threshold: one per matrix (Wanda's baseline) or per row",
+                       MAGNITUDE_SCOPES),
     )
-    quant: str = field(default="nf4", metadata=_help("quantization after pruning: nf4, fp4, int8 or none"))
+    quant: str = field(default="nf4", metadata=_help("quantization after pruning: nf4, fp4, int8 or none",
+                                                     QUANT_METHODS))
     double_quant: bool = field(default=False, metadata=_help("also quantize the 4-bit scales"))
     compute_dtype: str = field(
         default="auto",
         metadata=_help("dtype 4-bit layers compute in: auto (bfloat16 on GPU, float32 on CPU), "
-                       "float32, float16, bfloat16"),
+                       "float32, float16, bfloat16; the machine that loads the checkpoint may "
+                       "choose again", DTYPE_NAMES),
     )
     calib: str = field(default="c4", metadata=_help("calibration text: c4, wikitext2, ptb, embedded or a file"))
     nsamples: int = field(default=128, metadata=_help("number of calibration windows"))
@@ -76,29 +102,21 @@ class CompressConfig:
     seed: int = field(default=0, metadata=_help("seed for calibration sampling"))
     device: str = field(
         default="auto",
-        metadata=_help("where decoder layers are calibrated and pruned, one at a time: auto, cpu, cuda"),
+        metadata=_help("where decoder layers are calibrated and pruned, one at a time: auto, cpu, "
+                       "cuda or cuda:N"),
     )
     dtype: str = field(
         default="auto",
         metadata=_help("dtype for pruning: auto (float32 on CPU, the checkpoint's on GPU), "
-                       "float32, float16, bfloat16"),
+                       "float32, float16, bfloat16", DTYPE_NAMES),
     )
     calib_batch_size: int = field(default=8, metadata=_help("calibration windows per layer forward"))
     trust_remote_code: bool = field(default=False, metadata=_help("allow the model repo's own code"))
     revision: str | None = field(default=None, metadata=_help("hub revision (branch, tag or commit)"))
 
     def __post_init__(self) -> None:
-        if self.prune not in PRUNE_METHODS:
-            raise CTPError(f"unknown pruning method {self.prune!r}; choose from {', '.join(PRUNE_METHODS)}")
-        if self.quant not in QUANT_METHODS:
-            raise CTPError(f"unknown quantization {self.quant!r}; choose from {', '.join(QUANT_METHODS)}")
-        if self.magnitude_scope not in ("matrix", "row"):
-            raise CTPError(f"magnitude_scope must be matrix or row, got {self.magnitude_scope!r}")
-        if self.device not in DEVICES:
-            raise CTPError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
-        for name in ("dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise CTPError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(DTYPES)}")
+        check_choices(self)
+        check_device(self.device)
         nm = parse_pattern(self.pattern)
         if nm is not None:
             implied = nm[0] / nm[1]
@@ -149,32 +167,27 @@ class EvalConfig:
         default=None, metadata=_help("window length; default: the model's context (at most 4096) "
                                      "less the prompt's virtual tokens"),
     )
-    split: str = field(default="test", metadata=_help("which split of named corpora to score"))
+    split: str = field(default="test", metadata=_help("which split of named corpora to score", SPLITS))
     batch_size: int = field(default=1, metadata=_help("windows per forward pass"))
     max_windows: int | None = field(default=None, metadata=_help("score at most this many windows"))
-    device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
+    device: str = field(default="auto", metadata=_help("auto (the GPU when there is one), cpu, cuda "
+                                                       "or cuda:N"))
     trust_remote_code: bool = field(default=False, metadata=_help("allow the model repo's own code"))
 
     def __post_init__(self) -> None:
+        check_choices(self)
+        check_device(self.device)
         if isinstance(self.ppl, str):
             self.ppl = [s for s in self.ppl.split(",") if s]
         if not self.ppl:
             raise CTPError("give at least one perplexity test set")
         if self.seqlen is not None and self.seqlen < 2:
             raise CTPError(f"seqlen must be at least 2, got {self.seqlen}")
-        if self.split not in ("train", "validation", "test"):
-            raise CTPError(f"split must be train, validation or test, got {self.split!r}")
         if self.batch_size <= 0:
             raise CTPError(f"batch_size must be positive, got {self.batch_size}")
         if self.max_windows is not None and self.max_windows <= 0:
             raise CTPError(f"max_windows must be positive, got {self.max_windows}")
-        if self.device not in DEVICES:
-            raise CTPError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
 
-
-INITS = ("vocab", "sample-vocab", "random")
-SCHEDULES = ("linear", "cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -206,7 +219,7 @@ class PromptConfig:
     warmup_steps: int | None = field(default=None, metadata=_help("linear warmup steps (default "
                                                                  "min(500, steps/10))"))
     schedule: str = field(default="linear", metadata=_help("learning-rate decay after warmup: "
-                                                          "linear, cosine or constant"))
+                                                          "linear, cosine or constant", SCHEDULES))
     grad_clip: float = field(default=1.0, metadata=_help("clip the prompt gradient norm (0: off)"))
     seqlen: int | None = field(default=None, metadata=_help("training/validation window length "
                                                            "(default 1024, capped by the model's "
@@ -218,11 +231,17 @@ class PromptConfig:
                                                                 "(None: all)"))
     save_every: int = field(default=500, metadata=_help("write a resumable checkpoint every N steps"))
     seed: int = field(default=0, metadata=_help("seed for initialisation and data order"))
-    precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on GPU, fp32 on "
-                                                         "CPU), fp32 or bf16"))
-    gradient_checkpointing: bool = field(default=False, metadata=_help("trade compute for memory "
-                                                                      "on long windows"))
-    device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
+    precision: str = field(default="auto", metadata=_help("training arithmetic: auto (bf16 autocast "
+                                                         "on GPU, fp32 on CPU), fp32 or bf16 (the "
+                                                         "prompt itself stays fp32)", PRECISIONS))
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata=_help("recompute each decoder layer in the backward pass instead of "
+                                     "storing its activations (None: on for a GPU, off for a CPU)"))
+    dropout: bool = field(default=False, metadata=_help("keep the frozen model's own dropout active "
+                                                       "while training (off: the model is used "
+                                                       "exactly as at inference)"))
+    device: str = field(default="auto", metadata=_help("auto (the GPU when there is one), cpu, cuda "
+                                                       "or cuda:N"))
 
     def __post_init__(self) -> None:
         if self.num_virtual_tokens <= 0:
@@ -241,12 +260,8 @@ class PromptConfig:
             raise CTPError(f"lr must be positive, got {self.lr:g}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise CTPError("weight_decay and grad_clip must not be negative")
-        if self.schedule not in SCHEDULES:
-            raise CTPError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.precision not in PRECISIONS:
-            raise CTPError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.device not in DEVICES:
-            raise CTPError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+        check_choices(self)
+        check_device(self.device)
         for name in ("batch_size", "grad_accum", "eval_every", "save_every"):
             if getattr(self, name) <= 0:
                 raise CTPError(f"{name} must be positive, got {getattr(self, name)}")

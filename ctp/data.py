@@ -8,8 +8,9 @@ Sources, by name:
 - a path to a local ``.txt`` file (one document) or ``.jsonl`` file (one document per line, in
   its ``"text"`` field).
 
-Every source yields documents; :func:`load_text` joins them with ``"\\n\\n"`` as the
-GPTQ/SparseGPT/Wanda perplexity protocol does.
+Every source yields documents; :func:`load_text` joins them as the GPTQ / SparseGPT / Wanda
+perplexity code does, so numbers compare with published tables: WikiText-2 with ``"\\n\\n"``, C4
+and PTB with a single space. The embedded corpus and local files join with ``"\\n\\n"``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ast
 import hashlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -29,11 +31,12 @@ from typing import Any
 
 import torch
 
+from .config import SPLITS
 from .errors import CTPError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
+DOCUMENT_JOINER = "\n\n"  # the embedded corpus and local files
 
 # ---------------------------------------------------------------------------------------------
 # The embedded corpus
@@ -176,6 +179,7 @@ class HubSource:
     name: str | None
     field: str
     splits: dict[str, tuple[str, dict[str, str] | None, slice | None]]
+    joiner: str  # how the published perplexity code joins this corpus's documents
 
 
 _C4_TRAIN = {"train": "en/c4-train.00000-of-01024.json.gz"}
@@ -183,11 +187,11 @@ _C4_VALID = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
 HUB_SOURCES: dict[str, HubSource] = {
     "wikitext2": HubSource(
         "wikitext", "wikitext-2-raw-v1", "text",
-        {s: (s, None, None) for s in SPLITS},
+        {s: (s, None, None) for s in SPLITS}, "\n\n",
     ),
     "ptb": HubSource(
         "ptb_text_only", "penn_treebank", "sentence",
-        {s: (s, None, None) for s in SPLITS},
+        {s: (s, None, None) for s in SPLITS}, " ",
     ),
     # Wanda's calibration shard for train; SparseGPT's first 1,100 validation documents for
     # test; the rest of that validation shard for checkpoint selection, so the two never meet.
@@ -198,22 +202,33 @@ HUB_SOURCES: dict[str, HubSource] = {
             "test": ("validation", _C4_VALID, slice(0, 1100)),
             "validation": ("validation", _C4_VALID, slice(1100, 3100)),
         },
+        " ",
     ),
 }
 SOURCE_NAMES = ("embedded", *HUB_SOURCES)
 
 
-def _load_hub(source: HubSource, split: str) -> list[str]:
+def _load_hub(source: HubSource, split: str, max_documents: int | None = None) -> list[str]:
+    """The split's documents; with ``max_documents`` only the first ones are read (streamed:
+    the 356K-document C4 shard is never materialised for the 5,000 a prompt trains on)."""
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise CTPError(f"the `datasets` package is needed for hub corpora: {exc}") from None
     hf_split, data_files, rows = source.splits[split]
+    if max_documents is not None:
+        start = rows.start or 0 if rows is not None else 0
+        stop = start + max_documents if rows is None else min(rows.stop, start + max_documents)
+        rows = slice(start, stop)
     try:
+        if max_documents is not None:
+            stream = datasets.load_dataset(source.path, source.name, data_files=data_files,
+                                           split=hf_split, streaming=True)
+            return [row[source.field] for row in itertools.islice(stream, rows.start, rows.stop)]
         ds = datasets.load_dataset(source.path, source.name, data_files=data_files, split=hf_split)
+        texts = ds[source.field]
     except Exception as exc:  # network down, offline mode, dataset moved
-        raise CTPError(f"could not load dataset {source.path!r} ({split}): {exc}") from None
-    texts = ds[source.field]
+        raise CTPError(f"could not load dataset {source.path!r} ({split}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return list(texts[rows] if rows is not None else texts)
 
 
@@ -244,28 +259,35 @@ def _load_local(path: Path) -> list[str]:
         raise CTPError(f"{path} is not UTF-8 text") from None
 
 
-def load_documents(source: str, split: str = "test") -> list[str]:
-    """Documents of ``source`` (a name in :data:`SOURCE_NAMES` or a file path) for ``split``.
+def load_documents(source: str, split: str = "test", max_documents: int | None = None) -> list[str]:
+    """Documents of ``source`` (a name in :data:`SOURCE_NAMES` or a file path) for ``split``;
+    at most the first ``max_documents`` of them.
 
     A local file is the same text for every split.
     """
     if split not in SPLITS:
         raise CTPError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    if source == "embedded":
-        return _load_local(embedded_corpus_dir() / f"{split}.jsonl")
     if source in HUB_SOURCES:
-        return _load_hub(HUB_SOURCES[source], split)
+        return _load_hub(HUB_SOURCES[source], split, max_documents)
+    if source == "embedded":
+        docs = _load_local(embedded_corpus_dir() / f"{split}.jsonl")
+        return docs[:max_documents]
     path = Path(source).expanduser()
     if path.exists():
-        return _load_local(path)
+        return _load_local(path)[:max_documents]
     raise CTPError(
         f"unknown text source {source!r}: not a file, and not one of {', '.join(SOURCE_NAMES)}"
     )
 
 
-def load_text(source: str, split: str = "test") -> str:
-    """The documents of ``source``/``split`` joined with ``"\\n\\n"``."""
-    return "\n\n".join(load_documents(source, split))
+def joiner_of(source: str) -> str:
+    """How ``source``'s documents are joined into one text (see the module docstring)."""
+    return HUB_SOURCES[source].joiner if source in HUB_SOURCES else DOCUMENT_JOINER
+
+
+def load_text(source: str, split: str = "test", max_documents: int | None = None) -> str:
+    """The documents of ``source``/``split`` joined as the published perplexity code joins them."""
+    return joiner_of(source).join(load_documents(source, split, max_documents))
 
 
 def source_label(source: str) -> str:
@@ -322,4 +344,4 @@ def calibration_ids(
             if budget <= 0:
                 break
         docs = chosen
-    return sample_windows(tokenize(tokenizer, "\n\n".join(docs)), nsamples, seqlen, seed)
+    return sample_windows(tokenize(tokenizer, joiner_of(source).join(docs)), nsamples, seqlen, seed)

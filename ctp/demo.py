@@ -5,13 +5,13 @@ reusing finished models found in the work folder (same config).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
-from .compress.pipeline import COMPRESSION_FILE, compress, is_complete
+from .artifacts import read_compression_meta
+from .compress.pipeline import compress, is_complete
 from .config import CompressConfig, EvalConfig
 from .evaluate.api import evaluate
 
@@ -47,7 +47,7 @@ def compare(
         folder = workdir / "models" / slug(config)
         if is_complete(folder, config):
             log.info("reusing %s", folder)
-            report = json.loads((folder / COMPRESSION_FILE).read_text())
+            report = read_compression_meta(folder, required=True)
         else:
             log.info("compressing %s -> %s", config.label(), folder)
             report = compress(model, config, folder, overwrite=True, progress=progress).report

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,11 @@ from typing import Any
 import yaml
 
 from . import __version__
-from ._io import read_json
-from .compress.pipeline import COMPRESSION_FILE
-from .data import HUB_SOURCES
+from .artifacts import (COMPRESSION_FILE, PAIR_PROMPT_DIR, PROMPT_FILE, STITCH_FILE, make_temp_dir,
+                        read_compression_meta, read_prompt_meta, read_stitch_meta)
+from .data import HUB_SOURCES, SOURCE_NAMES
 from .errors import CTPError
-from .prompt.artifact import PROMPT_FILE
-from .prompt.stitch import STITCH_FILE
+from .models import EMBEDDED_NAME
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ def folder_kind(folder: str | os.PathLike) -> str:
     path = Path(folder)
     if not path.is_dir():
         raise CTPError(f"{folder} is not a folder")
-    if (path / STITCH_FILE).is_file() and (path / "prompt").is_dir():  # before: it may hold both
+    if (path / STITCH_FILE).is_file() and (path / PAIR_PROMPT_DIR).is_dir():  # before: it may hold both
         return PAIR
     if (path / PROMPT_FILE).is_file() and (path / "adapter_config.json").is_file():
         return PROMPT
@@ -67,15 +65,36 @@ def folder_kind(folder: str | os.PathLike) -> str:
                    "(stitched pair)")
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    return read_json(path) if path.is_file() else None
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
-def _hub_id(name: Any) -> str | None:
+def _is_local(name: str, recorded: bool | None = None) -> bool:
+    """Whether ``name`` is a path on the machine that made the artifact (``recorded`` when the
+    artifact says so; otherwise judged from its shape and from this machine's files)."""
+    if recorded is not None:
+        return recorded
+    return (os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
+            or not _HUB_ID.fullmatch(name))
+
+
+def _public(name: Any, recorded_local: bool | None = None) -> Any:
+    """A name fit for a public card: Hub ids, corpus and named models as they are; a local
+    path only as its last component (a card never publishes where files lie on a machine)."""
+    if not isinstance(name, str) or name in SOURCE_NAMES or name == EMBEDDED_NAME:
+        return name
+    return Path(name).name if _is_local(name, recorded_local) else name
+
+
+def _public_config(cfg: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """``cfg`` with the text-source ``keys`` (calibration / training files) made public."""
+    return None if cfg is None else {k: _public(v) if k in keys else v for k, v in cfg.items()}
+
+
+def _hub_id(name: Any, recorded_local: bool | None = None) -> str | None:
     """``name`` when it can be a Hub model id (not ``embedded``, not a local path)."""
-    if not isinstance(name, str) or name == "embedded" or os.path.exists(name):
+    if not isinstance(name, str) or name == EMBEDDED_NAME or _is_local(name, recorded_local):
         return None
-    return name if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) else None
+    return name
 
 
 def _dataset(source: Any) -> str | None:
@@ -126,8 +145,8 @@ def _table(title: str, rows: list[tuple[str, str]]) -> list[str]:
 
 def _compression_section(report: dict[str, Any]) -> list[str]:
     sp, calib = report.get("sparsity", {}), report.get("calibration") or {}
-    rows = [("base model", (f"`{report.get('base_model')}` (weights fingerprint "
-                            f"{report.get('base_fingerprint')})")),
+    base = _public(report.get("base_model"), report.get("base_model_local"))
+    rows = [("base model", f"`{base}` (weights fingerprint {report.get('base_fingerprint')})"),
             ("method", _describe(report.get("compression")))]
     if calib:
         origin = ("given as token ids" if calib.get("source") == "tensor"
@@ -150,7 +169,7 @@ def _compression_section(report: dict[str, Any]) -> list[str]:
         lines += ["| layer type | sparsity |", "|---|---:|",
                   *(f"| {k} | {v:.2%} |" for k, v in sp["by_type"].items()), ""]
     lines += [f"Configuration (`{COMPRESSION_FILE}`, ctp {report.get('ctp_version')}):", "",
-              _yaml(report.get("compression")), ""]
+              _yaml(_public_config(report.get("compression"), ("calib",))), ""]
     return lines
 
 
@@ -158,7 +177,7 @@ def _prompt_section(meta: dict[str, Any]) -> list[str]:
     train, val = meta.get("training_data") or {}, meta.get("validation_data") or {}
     cfg = meta.get("prompt_config") or {}
     rows = [("virtual tokens", f"{meta.get('num_virtual_tokens')} (hidden size {meta.get('hidden_size')})"),
-            ("trained on", f"`{meta.get('compression_label') or 'dense'}` copy of `{meta.get('base_model')}`"),
+            ("trained on", f"`{meta.get('compression_label') or 'dense'}` copy of `{_public(meta.get('base_model'))}`"),
             ("training", (f"{meta.get('steps')} steps of {meta.get('global_batch')} windows of "
                           f"{meta.get('seqlen')} tokens from `{train.get('source')}` (train split)"))]
     lines = _table("Soft prompt", rows)
@@ -171,7 +190,8 @@ def _prompt_section(meta: dict[str, Any]) -> list[str]:
                    f"({val.get('windows')} windows of {meta.get('seqlen')} tokens; {_PROTOCOL}). The prompt "
                    "was selected on this split, so the number is optimistic; the test split was never used "
                    "in training (`ctp eval` measures it)."), ""]
-    lines += [f"Training configuration (`{PROMPT_FILE}`):", "", _yaml(cfg), ""]
+    lines += [f"Training configuration (`{PROMPT_FILE}`):", "",
+              _yaml(_public_config(cfg, ("data", "val_data"))), ""]
     return lines
 
 
@@ -205,13 +225,15 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     path, kind = Path(folder), folder_kind(folder)
-    report = _read(path / COMPRESSION_FILE) if kind != PROMPT else None
-    meta = _read(path / (PROMPT_FILE if kind == PROMPT else f"prompt/{PROMPT_FILE}"))
-    stitched = (_read(path / STITCH_FILE) or {}) if kind == PAIR else {}
+    report = read_compression_meta(path) if kind != PROMPT else None
+    meta = read_prompt_meta(path if kind == PROMPT else path / PAIR_PROMPT_DIR) or None
+    stitched = read_stitch_meta(path) if kind == PAIR else {}
     report_, meta_ = report or {}, meta or {}
     # a pair is described by its own model; the prompt may have been trained on another copy
     compression = meta_.get("compression") if kind == PROMPT else report_.get("compression")
-    base = report_.get("base_model") or meta_.get("base_model")
+    base_local = report_.get("base_model_local") if report else None
+    raw_base = report_.get("base_model") or meta_.get("base_model")
+    base = _public(raw_base, base_local)
     sources = [(report_.get("calibration") or {}).get("source"),
                (meta_.get("training_data") or {}).get("source"),
                (meta_.get("validation_data") or {}).get("source")]
@@ -220,7 +242,8 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None) -> str:
     quantized = (compression or {}).get("quant", "none") != "none"
     relation = "adapter" if kind == PROMPT else "quantized" if quantized else None
     data = ModelCardData(
-        base_model=_hub_id(base), base_model_relation=relation if _hub_id(base) else None,
+        base_model=_hub_id(raw_base, base_local),
+        base_model_relation=relation if _hub_id(raw_base, base_local) else None,
         library_name="peft" if kind == PROMPT else "transformers", pipeline_tag="text-generation",
         datasets=list(dict.fromkeys(d for d in map(_dataset, sources) if d)) or None,
         tags=["ctp", *_compression_tags(compression), *(["soft-prompt", "prompt-tuning"] if meta else [])],
@@ -249,7 +272,7 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None) -> str:
 
 def _stage(folder: Path, card: str, link: bool) -> tuple[Path, bool]:
     """Copy ``folder`` (hard links where allowed) into a fresh temp folder; add the card."""
-    staged = Path(tempfile.mkdtemp(prefix="ctp-push-"))
+    staged = make_temp_dir(prefix="ctp-push-")
 
     def copy(src: str, dst: str) -> None:
         try:

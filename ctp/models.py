@@ -8,10 +8,11 @@ keyword arguments that layer receives, so no per-family code is needed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .artifacts import is_quantized_dir
 from .errors import CTPError
+from .runtime import device_map_for, ready_for_device_, require_bnb, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def resolve_model(name: str) -> str:
-    """Map the short name ``embedded`` to the bundled model; pass anything else through."""
+    """Map a named model (``embedded``, ...) to its local folder; pass anything else through."""
     return str(EMBEDDED_MODEL_DIR) if name == EMBEDDED_NAME else name
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged or missing checkpoint raises inside transformers / safetensors."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _read_config(name: str, trust_remote_code: bool, revision: str | None = None) -> Any:
@@ -80,10 +94,10 @@ def _read_config(name: str, trust_remote_code: bool, revision: str | None = None
     try:
         return AutoConfig.from_pretrained(name, revision=revision,
                                           trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise CTPError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
-    except ValueError as exc:
-        raise CTPError(f"cannot read the configuration of {name!r}: {exc}") from None
+    except OSError as exc:  # not found, no network, no access
+        raise CTPError(f"cannot load model {name!r}: {_why(exc)}") from None
+    except _load_errors() as exc:
+        raise CTPError(f"cannot read the configuration of {name!r}: {_why(exc)}") from None
 
 
 def check_supported(name: str, trust_remote_code: bool = False) -> Any:
@@ -97,6 +111,15 @@ def check_supported(name: str, trust_remote_code: bool = False) -> Any:
     return config
 
 
+def _from_pretrained(name: str, **kwargs: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except _load_errors() as exc:
+        raise CTPError(f"cannot load model {name!r}: {_why(exc)}") from None
+
+
 def load_model(
     name: str,
     dtype: torch.dtype | None = None,
@@ -106,79 +129,84 @@ def load_model(
 ) -> nn.Module:
     """Load a dense causal LM in ``dtype`` onto ``device``, in eval mode.
 
-    ``name`` is a hub id, a local folder, or ``embedded``. A compressed (bitsandbytes) folder
-    is loaded by :func:`load_compressed` instead.
+    ``name`` is a hub id, a local folder, or a named model. A compressed (bitsandbytes) folder
+    is loaded by :func:`load_any` instead.
     """
-    from transformers import AutoModelForCausalLM
-
     name = resolve_model(name)
     check_supported(name, trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-            low_cpu_mem_usage=True,
-        )
-    except (OSError, ValueError) as exc:
-        raise CTPError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    model = _from_pretrained(name, dtype=dtype, revision=revision,
+                             trust_remote_code=trust_remote_code, low_cpu_mem_usage=True)
     return model.to(device).eval()
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None):
-    """Load the tokenizer that belongs to ``name`` (hub id, folder, or ``embedded``)."""
+    """Load the tokenizer that belongs to ``name`` (hub id, folder, or named model)."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(resolve_model(name), revision=revision,
                                              trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise CTPError(f"cannot load the tokenizer of {name!r}: {str(exc).splitlines()[0]}") from None
-
-
-def is_quantized_dir(path: str | os.PathLike) -> bool:
-    """Whether a checkpoint folder was saved with a bitsandbytes quantization config."""
-    config = Path(path) / "config.json"
-    return config.exists() and "quantization_config" in json.loads(config.read_text())
+    except (*_load_errors(), TypeError) as exc:
+        raise CTPError(f"cannot load the tokenizer of {name!r}: {_why(exc)}") from None
 
 
 def load_any(
     name: str,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a dense model or a compressed ctp checkpoint for inference, on ``device``.
 
     On the CPU, everything not quantized defaults to float32 (CPU half-precision matmuls are
-    slow and coarse); 4-bit layers keep their stored compute dtype and always use bitsandbytes' plain
-    dequantize-and-multiply path (:func:`ctp.compress.quantize.disable_cpu_packing_`).
+    slow and coarse). 4-bit layers compute in the dtype of the device they run on, whatever
+    machine compressed them (:func:`ctp.runtime.ready_for_device_`), and always use
+    bitsandbytes' plain dequantize-and-multiply path on a CPU.
     """
-    from transformers import AutoModelForCausalLM
-
     name = resolve_model(name)
     check_supported(name, trust_remote_code)
-    device = torch.device(device)
+    device = resolve_device(device)
     if not is_quantized_dir(name):
         if dtype is None and device.type == "cpu":
             dtype = torch.float32
         return load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    from .compress.quantize import require_bnb
-
     require_bnb(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, device_map={"": str(device) if device.type != "cuda" else (device.index or 0)},
-            dtype=dtype or "auto",
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, ValueError) as exc:
-        raise CTPError(f"cannot load compressed model {name!r}: {str(exc).splitlines()[0]}") from None
-    from .compress.quantize import ready_for_cpu_or_gpu_
-
-    ready_for_cpu_or_gpu_(model, device, dtype)  # exact scales, gradients that flow, fp32 on CPU
+    model = _from_pretrained(name, device_map=device_map_for(device), dtype=dtype or "auto",
+                             trust_remote_code=trust_remote_code)
+    ready_for_device_(model, device, dtype)
     return model.eval()
 
 
 load_compressed = load_any
+
+
+@contextlib.contextmanager
+def checkpoint_layers(model: nn.Module) -> Iterator[None]:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them.
+
+    transformers' own gradient checkpointing acts only in training mode, which would also turn
+    on dropout in the frozen model (OPT has 0.1); this wraps every decoder layer's forward in a
+    non-reentrant checkpoint whatever the mode, and restores it on exit.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(decoder_layers(model))
+    originals = [(layer.forward, "forward" in vars(layer)) for layer in layers]  # accelerate hooks
+    for layer, (forward, _) in zip(layers, originals):
+        def wrapped(*args: Any, _forward=forward, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = wrapped
+    try:
+        yield
+    finally:
+        for layer, (forward, own) in zip(layers, originals):
+            if own:
+                layer.forward = forward
+            else:
+                del layer.forward  # back to the class's method
 
 
 def weights_fingerprint(model: nn.Module) -> str:

@@ -28,13 +28,13 @@ from typing import Any
 
 import yaml
 
-from ._io import read_json
-from .compress.pipeline import COMPRESSION_FILE, compress, is_complete, resolve_device
+from .artifacts import read_compression_meta, read_prompt_meta
+from .compress.pipeline import compress, is_complete
 from .config import CompressConfig, EvalConfig, PromptConfig, from_dict, to_dict
 from .errors import CTPError
-from .prompt.artifact import PROMPT_FILE
-from .prompt.artifact import find_checkpoint
-from .prompt.tune import _run_settings, tune_prompt, work_dir
+from .prompt.state import resumable
+from .prompt.tune import tune_prompt
+from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,19 @@ def parse_recipe(data: Any, where: str) -> Recipe:
         raise CTPError(f"{where}: unknown key {sorted(unknown)[0]!r}; known keys: {', '.join(sorted(TOP_KEYS))}")
     if not isinstance(data.get("model"), str):
         raise CTPError(f"{where}: 'model' must name the dense base model")
+    if not isinstance(data.get("workdir", ""), (str, type(None))):
+        raise CTPError(f"{where}: 'workdir' must be a folder path")
     targets = data.get("compress") or {}
     if not isinstance(targets, dict):
         raise CTPError(f"{where}: 'compress' must map names to compression settings")
     compress_steps = {str(name): from_dict(CompressConfig, cfg or {}, where=f"{where}: compress.{name}")
                       for name, cfg in targets.items()}
+    prompt_specs = data.get("prompts") or {}
+    if not isinstance(prompt_specs, dict):
+        raise CTPError(f"{where}: 'prompts' must map names to {{target: ..., config: ...}}, "
+                       f"got a {type(prompt_specs).__name__}")
     prompt_steps = {}
-    for name, spec in (data.get("prompts") or {}).items():
+    for name, spec in prompt_specs.items():
         at = f"{where}: prompts.{name}"
         if not isinstance(spec, dict) or set(spec) - {"target", "config"}:
             raise CTPError(f"{at}: expected the keys 'target' and 'config'")
@@ -123,30 +129,26 @@ def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
     if not path.exists():
         raise CTPError(f"recipe {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise CTPError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_recipe(apply_sets(data or {}, sets or [], str(path)), str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CTPError(f"recipe {path} cannot be read: {exc}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise CTPError(f"{path}: a recipe must be a mapping, got a {type(data).__name__}")
+    return parse_recipe(apply_sets(data, sets or [], str(path)), str(path))
 
 
 def _done_prompt(folder: Path, config: PromptConfig, target: str) -> bool:
     """Finished with these settings on this very target (same folder, same compression)."""
-    meta = folder / PROMPT_FILE
-    if not meta.exists():
+    made = read_prompt_meta(folder)
+    if not made:
         return False
-    made = read_json(meta)
-    target_meta = Path(target) / COMPRESSION_FILE
-    compression = read_json(target_meta).get("compression") if target_meta.exists() else None
+    target_meta = read_compression_meta(target) if Path(target).is_dir() else None
+    compression = target_meta["compression"] if target_meta is not None else None
     return (made.get("prompt_config") == to_dict(config) and made.get("model") == target
             and made.get("compression") == compression)
-
-
-def _resumable(folder: Path, config: PromptConfig) -> bool:
-    """An interrupted run of the same prompt settings (else it is started over)."""
-    checkpoint = find_checkpoint(work_dir(folder))
-    if checkpoint is None:
-        return False
-    return read_json(checkpoint / "state.json")["settings"]["config"] == _run_settings(config)
 
 
 def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
@@ -170,7 +172,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         if _done_prompt(folder, step.config, target):
             log.info("tune-prompt %s: done already, skipping", name)
         else:
-            resume = _resumable(folder, step.config)
+            resume = resumable(folder, step.config)
             log.info("tune-prompt %s on %s -> %s%s", name, step.target, folder, " (resuming)" if resume else "")
             tune_prompt(target, step.config, folder, overwrite=True, resume=resume, progress=progress)
         prompts[name] = str(folder)
@@ -194,6 +196,6 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
 def _evaluation_key(recipe: Recipe, models: dict[str, str], prompts: dict[str, str]) -> str:
     """A hash of everything the evaluation depends on, so a finished one is not redone."""
     parts = {"eval": to_dict(recipe.eval), "model": recipe.model,
-             "models": {n: read_json(Path(f) / COMPRESSION_FILE)["compression"] for n, f in models.items()},
-             "prompts": {n: read_json(Path(f) / PROMPT_FILE)["best_val_ppl"] for n, f in prompts.items()}}
+             "models": {n: read_compression_meta(f, required=True)["compression"] for n, f in models.items()},
+             "prompts": {n: read_prompt_meta(f)["best_val_ppl"] for n, f in prompts.items()}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -35,9 +35,11 @@ from ctp.config import CompressConfig, PromptConfig  # noqa: E402
 from ctp.data import load_text, tokenize  # noqa: E402
 from ctp.demo import EMBEDDED_CALIB, slug  # noqa: E402
 from ctp.evaluate.transfer import gap_recovered  # noqa: E402
-from ctp.evaluate.perplexity import perplexity_of_ids, token_nlls, window_nlls  # noqa: E402
+from ctp.evaluate.perplexity import perplexity_of_ids  # noqa: E402
+from ctp.lm import spread_windows, token_nlls, window_nlls, windows_of  # noqa: E402
 from ctp.models import load_any, load_tokenizer, resolve_model  # noqa: E402
-from ctp.prompt.tune import _lr_lambda, spread_windows, tune_prompt, windows_of  # noqa: E402
+from ctp.prompt.state import lr_factor  # noqa: E402
+from ctp.prompt.tune import tune_prompt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "eval" / "results"
@@ -130,7 +132,7 @@ def run_peft(folder: Path, data: Data, method: str, settings: dict) -> dict:
     peft_model = get_peft_model(model, peft_config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, config.steps, config.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.steps, config.warmup_steps))
     chunks = windows_of(data.train, SEQLEN)
     val = spread_windows(data.val, SEQLEN, config.eval_windows)
     order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(config.seed * 1_000_003))

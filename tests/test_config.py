@@ -16,8 +16,8 @@ def test_round_trip():
     (dict(pattern="4:2"), "0 < N < M"),
     (dict(pattern="2-4"), "unstructured' or N:M"),
     (dict(pattern="2:4", sparsity=0.3), "implies sparsity 0.5"),
-    (dict(prune="sparsegpt"), "unknown pruning method"),
-    (dict(quant="int3"), "unknown quantization"),
+    (dict(prune="pretty"), "unknown prune"),
+    (dict(quant="int3"), "unknown quant"),
     (dict(nsamples=0), "nsamples must be positive"),
 ])
 def test_bad_values(kwargs, message):

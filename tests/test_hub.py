@@ -334,24 +334,34 @@ def test_card_metadata_from_the_json_files(tmp_path):
     folder.mkdir()
     cfg = {"prune": "magnitude", "sparsity": 0.5, "pattern": "2:4", "quant": "int8", "calib": "c4"}
     report = {"base_model": "meta-llama/Llama-2-7b-hf", "compression": cfg, "label": "magnitude-2:4+int8",
-              "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0}}
+              "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0},
+              "base_fingerprint": "abc", "sparsity": {}, "bits_per_weight": 8.5}
     (folder / "ctp_compression.json").write_text(json.dumps(report))
     data = _card_data(build_card(folder))
     assert data["base_model"] == "meta-llama/Llama-2-7b-hf" and data["datasets"] == ["allenai/c4"]
     assert {"pruned", "magnitude", "2:4", "8-bit", "int8"} <= set(data["tags"]) and "4-bit" not in data["tags"]
 
-    report.update(base_model=str(tmp_path), calibration={"source": "notes.txt"},
-                  compression={**cfg, "prune": "none", "quant": "none"})
+    notes = tmp_path / "private" / "notes.txt"  # a local base and a local calibration file
+    report.update(base_model=str(tmp_path / "my-base"), calibration={"source": "notes.txt"},
+                  compression={**cfg, "prune": "none", "quant": "none", "calib": str(notes)})
     (folder / "ctp_compression.json").write_text(json.dumps(report))
-    data = _card_data(build_card(folder))
+    card = build_card(folder)
+    data = _card_data(card)
     assert "base_model" not in data and "base_model_relation" not in data and "datasets" not in data
     assert data["tags"] == ["ctp"]
+    assert str(tmp_path) not in card and "`my-base`" in card and "calib: notes.txt" in card
+    report["base_model_local"] = True  # recorded by compress(): a relative folder name is no Hub id
+    report["base_model"] = "models/llama"
+    (folder / "ctp_compression.json").write_text(json.dumps(report))
+    card = build_card(folder)
+    assert "base_model" not in _card_data(card) and "models/llama" not in card and "`llama`" in card
 
     prompt = tmp_path / "p"
     prompt.mkdir()
     (prompt / "adapter_config.json").write_text("{}")
     (prompt / "ctp_prompt.json").write_text(json.dumps({
-        "base_model": "Qwen/Qwen2-0.5B", "compression": None, "num_virtual_tokens": 8,
+        "base_model": "Qwen/Qwen2-0.5B", "compression": None, "num_virtual_tokens": 8, "hidden_size": 16,
+        "tokenizer_fingerprint": None, "base_fingerprint": None, "prompt_config": {"data": "wikitext2"},
         "training_data": {"source": "wikitext2"}, "validation_data": {"source": "ptb", "split": "validation"},
         "best_val_ppl": 10.5, "val_ppl_without_prompt": 11.25}))
     card = build_card(prompt)
@@ -364,7 +374,8 @@ def test_card_metadata_from_the_json_files(tmp_path):
     shutil.copytree(prompt, pair / "prompt")
     (pair / "ctp_compression.json").write_text(json.dumps({**report, "base_model": "Qwen/Qwen2-0.5B",
                                                            "compression": cfg}))
-    (pair / "ctp_stitch.json").write_text(json.dumps({"ppl": {"without_prompt": {"wikitext2": 12.0},
+    (pair / "ctp_stitch.json").write_text(json.dumps({"model": "m", "prompt": "p",
+                                                      "ppl": {"without_prompt": {"wikitext2": 12.0},
                                                                "with_prompt": {"wikitext2": 11.0}}}))
     card = build_card(pair)
     assert "| wikitext2 | 12.0000 | 11.0000 |" in card and "int8" in _card_data(card)["tags"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import resource
 import shutil
 import tempfile
 import time
@@ -16,19 +15,16 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .._io import atomic_dir, check_output_dir, read_json, write_json
+from ..artifacts import COMPRESSION_FILE, atomic_dir, check_output_dir, compression_matches, write_json
 from ..config import CompressConfig, to_dict
 from ..data import calibration_ids, source_label
 from ..errors import CTPError
-from ..models import check_supported, decoder_layers, load_model, load_tokenizer, weights_fingerprint
+from ..models import EMBEDDED_NAME, check_supported, decoder_layers, load_model, load_tokenizer, weights_fingerprint
+from ..runtime import TORCH_DTYPES, device_map_for, peak_memory, require_bnb, resolve_device
 from .prune import check_prunable, decoder_linears, prune_, sparsity_of
-from .quantize import bnb_config, dense_weight, modules_to_skip, require_bnb
+from .quantize import bnb_config, dense_weight, modules_to_skip
 
 log = logging.getLogger(__name__)
-
-COMPRESSION_FILE = "ctp_compression.json"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @dataclass
 class CompressResult:
@@ -41,24 +37,7 @@ class CompressResult:
 
 def is_complete(folder: str | Path, config: CompressConfig) -> bool:
     """Whether ``folder`` holds a finished compression made with exactly ``config``."""
-    meta = Path(folder) / COMPRESSION_FILE
-    return meta.exists() and read_json(meta).get("compression") == to_dict(config)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; refuse cuda on a machine without it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CTPError("--device cuda was requested but no CUDA GPU is available")
-    return torch.device(device)
-
-
-def _peak_memory(device: torch.device) -> dict[str, int]:
-    peak = {"cpu_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if device.type == "cuda":
-        peak["gpu_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    return peak
+    return compression_matches(folder, to_dict(config))
 
 
 def _folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
@@ -126,8 +105,8 @@ def compress(
         name = model
         hf_config = check_supported(name, config.trust_remote_code)
         stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-        stored_dtype = DTYPES.get(str(stored).replace("torch.", ""), torch.float16)
-        work_dtype = (DTYPES[config.dtype] if config.dtype != "auto"
+        stored_dtype = TORCH_DTYPES.get(str(stored).replace("torch.", ""), torch.float16)
+        work_dtype = (TORCH_DTYPES[config.dtype] if config.dtype != "auto"
                       else torch.float32 if device.type == "cpu" else stored_dtype)
         model = load_model(name, dtype=work_dtype, device="cpu",
                            trust_remote_code=config.trust_remote_code, revision=config.revision)
@@ -150,10 +129,12 @@ def compress(
     pruned = sparsity_of({n: m.weight.detach() for n, m in decoder_linears(model).items()})
     pruned.pop("by_matrix")
 
-    compute_dtype = (DTYPES[config.compute_dtype] if config.compute_dtype != "auto"
+    compute_dtype = (TORCH_DTYPES[config.compute_dtype] if config.compute_dtype != "auto"
                      else torch.bfloat16 if device.type == "cuda" else torch.float32)
-    staging_ctx = atomic_dir(out, overwrite) if out is not None else _scratch_dir()
+    staging_ctx = (atomic_dir(out, overwrite) if out is not None
+                   else tempfile.TemporaryDirectory(prefix="ctp-compress-"))
     with staging_ctx as staging:
+        staging = Path(staging)
         model.to(stored_dtype)
         skipped = modules_to_skip(model, config.quant) if config.quant != "none" else []
         model = _save_and_reload(model, staging, config, compute_dtype, stored_dtype, skipped, device)
@@ -168,6 +149,7 @@ def compress(
         report = {
             "ctp_version": __version__,
             "base_model": name,
+            "base_model_local": name != EMBEDDED_NAME and Path(name).expanduser().exists(),
             "base_revision": config.revision or getattr(model.config, "_commit_hash", None),
             "base_fingerprint": fingerprint,
             "compression": to_dict(config),
@@ -182,7 +164,7 @@ def compress(
             "bits_per_weight": disk_bytes * 8 / dense_params,
             "prune_seconds": round(prune_seconds, 3),
             "seconds": round(time.time() - started, 3),
-            "peak_memory": _peak_memory(device),
+            "peak_memory": peak_memory(device),
             "device": str(device),
             "versions": _versions(),
         }
@@ -212,7 +194,7 @@ def _save_and_reload(model: nn.Module, staging: Path, config: CompressConfig,
             quantization_config=(bnb_config(config.quant, config.double_quant, compute_dtype, skipped)
                                  if quantized else None),
             dtype=stored_dtype,
-            device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
+            device_map=device_map_for(device),
             trust_remote_code=config.trust_remote_code,
         )
     finally:
@@ -222,17 +204,6 @@ def _save_and_reload(model: nn.Module, staging: Path, config: CompressConfig,
     if quantized:
         reloaded.save_pretrained(staging)
     return reloaded
-
-
-class _scratch_dir:
-    """A temporary folder removed on exit (in-memory compression still needs one to quantize)."""
-
-    def __enter__(self) -> Path:
-        self.path = Path(tempfile.mkdtemp(prefix="ctp-compress-"))
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:

@@ -9,12 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..artifacts import load_prompt_embeddings
 from ..config import EvalConfig
 from ..data import load_text, source_label, tokenize
 from ..errors import CTPError
+from ..lm import default_seqlen
 from ..models import load_any, load_tokenizer
-from ..prompt.artifact import load_prompt_embeddings
-from .perplexity import PerplexityResult, default_seqlen, perplexity_of_ids
+from ..runtime import resolve_device
+from .perplexity import PerplexityResult, perplexity_of_ids
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ def perplexity(
     prompt: str | Path | torch.Tensor | None = None,
     batch_size: int = 1,
     max_windows: int | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = False,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``data`` (a corpus name or file), GPTQ/Wanda protocol.
@@ -58,28 +60,53 @@ def perplexity(
                              progress, desc=f"ppl {source_label(data)}")
 
 
-def evaluate(
-    model: str,
-    config: EvalConfig | None = None,
-    prompt: str | Path | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Perplexity of a model folder (dense or compressed), optionally with a prompt, on each of
-    ``config.ppl``. Returns ``{"model", "prompt", "split", "ppl": {name: value}, "details"}``."""
-    from ..compress.pipeline import resolve_device
+def _details(r: PerplexityResult) -> dict[str, Any]:
+    return {"nll": r.nll, "windows": r.windows, "seqlen": r.seqlen,
+            "tokens_scored": r.tokens_scored, "virtual_tokens": r.virtual_tokens}
 
+
+def evaluate(
+    model: str | nn.Module,
+    config: EvalConfig | None = None,
+    prompt: str | Path | torch.Tensor | None = None,
+    progress: bool = True,
+    *,
+    tokenizer: Any = None,
+    with_and_without: bool = False,
+) -> dict[str, Any]:
+    """Perplexity of a model (folder, or loaded with its ``tokenizer``), optionally behind a
+    prompt, on each of ``config.ppl``.
+
+    Returns ``{"model", "prompt", "split", "ppl": {name: value}, "details"}``. With
+    ``with_and_without`` (and a prompt) it also holds ``"ppl_without_prompt"``: the bare model on
+    exactly the same windows -- the window length leaves room for the prompt in both, so the
+    two numbers score the same targets.
+    """
     config = config or EvalConfig()
-    device = resolve_device(config.device)
-    loaded = load_any(model, device=device, trust_remote_code=config.trust_remote_code)
-    tokenizer = load_tokenizer(model, config.trust_remote_code)
+    name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+    if isinstance(model, str):
+        loaded = load_any(model, device=resolve_device(config.device),
+                          trust_remote_code=config.trust_remote_code)
+        tokenizer = load_tokenizer(model, config.trust_remote_code)
+        model = loaded
+    elif tokenizer is None:
+        raise CTPError("evaluate needs the tokenizer of a loaded model")
     embeddings = load_prompt_embeddings(prompt)
-    result: dict[str, Any] = {"model": str(model), "prompt": None if prompt is None else str(prompt),
+    n = 0 if embeddings is None else embeddings.shape[0]
+    seqlen = config.seqlen or default_seqlen(model, n)
+    result: dict[str, Any] = {"model": str(name),
+                              "prompt": None if prompt is None or isinstance(prompt, torch.Tensor) else str(prompt),
                               "split": config.split, "ppl": {}, "details": {}}
+    runs = [("ppl", embeddings)]
+    if with_and_without and embeddings is not None:
+        runs.append(("ppl_without_prompt", None))
+        result["ppl_without_prompt"] = {}
     for data in config.ppl:
-        r = perplexity(loaded, tokenizer, data, config.split, config.seqlen, embeddings,
-                       config.batch_size, config.max_windows, progress=progress)
         key = source_label(data)
-        result["ppl"][key] = r.ppl
-        result["details"][key] = {"nll": r.nll, "windows": r.windows, "seqlen": r.seqlen,
-                                  "tokens_scored": r.tokens_scored, "virtual_tokens": r.virtual_tokens}
+        for field, tensor in runs:
+            r = perplexity(model, tokenizer, data, config.split, seqlen, tensor, config.batch_size,
+                           config.max_windows, progress=progress)
+            result[field][key] = r.ppl
+            if field == "ppl":
+                result["details"][key] = _details(r)
     return result

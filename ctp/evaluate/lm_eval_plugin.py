@@ -28,31 +28,20 @@ from lm_eval.models.utils import resolve_max_length
 from lm_eval.models.utils_hf import stop_sequences_criteria
 from torch import nn
 
-from .._io import read_json
-from ..compress.pipeline import COMPRESSION_FILE, DTYPES, compress, resolve_device
-from ..compress.quantize import ready_for_cpu_or_gpu_
+from ..artifacts import is_quantized_dir, load_prompt_embeddings, read_compression_meta, read_prompt_meta
+from ..compress.pipeline import compress
 from ..config import CompressConfig, from_dict
 from ..errors import CTPError
-from ..models import is_quantized_dir, load_any, load_tokenizer, resolve_model
-from ..prompt.artifact import load_prompt_embeddings, read_prompt_meta
+from ..models import load_any, load_tokenizer, resolve_model
 from ..prompt.stitch import check_compatible
+from ..runtime import ready_for_device_, resolve_device, torch_dtype
+from .lm_eval_registry import register  # noqa: F401  (re-exported: tests and launchers call it)
 
 log = logging.getLogger(__name__)
 
 # model_args that ask for in-memory compression; each is the CompressConfig field of that name.
 COMPRESS_ARGS = ("prune", "sparsity", "pattern", "magnitude_scope", "quant", "double_quant",
                  "calib", "nsamples", "seqlen", "seed")
-
-
-def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """lm-eval's ``dtype=`` as a torch dtype; None (auto) lets ctp choose (float32 on a CPU)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    if dtype not in DTYPES:
-        raise CTPError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def _compress_in_memory(pretrained: str, args: dict[str, Any], device: torch.device,
@@ -63,15 +52,14 @@ def _compress_in_memory(pretrained: str, args: dict[str, Any], device: torch.dev
         raise CTPError(f"{pretrained} is already compressed; prune=/quant=/... compress a dense base")
     # lm-eval parses "none" as None; ctp spells it "none"
     values = {k: ("none" if v is None and k in ("prune", "quant") else v) for k, v in args.items()}
-    values |= {"device": "cuda" if device.type == "cuda" else "cpu",
-               "trust_remote_code": trust_remote_code}
+    values |= {"device": str(device), "trust_remote_code": trust_remote_code}
     config = from_dict(CompressConfig, values, where="model_args")
     result = compress(pretrained, config, out=None, tokenizer=tokenizer, progress=False)
-    model = result.model
+    model = result.model.to(device)
     if config.quant == "none":
         model = model.to(dtype or (torch.float32 if device.type == "cpu" else model.dtype))
     else:  # the fixes load_any applies to a compressed folder (see ctp.models.load_any)
-        ready_for_cpu_or_gpu_(model, device, dtype)
+        ready_for_device_(model, device, dtype)
     return model.eval(), result.report
 
 
@@ -127,19 +115,22 @@ class CTPLM(HFLM):
             raise CTPError(f"unknown model_args {', '.join(unknown)}; --model ctp takes "
                            f"pretrained, prompt, {', '.join(COMPRESS_ARGS)} and HFLM's own")
         pretrained = str(pretrained)
+        if device is None and not torch.cuda.is_available():
+            log.info("no CUDA GPU: --model ctp runs on the CPU (give device= to choose)")
         torch_device = resolve_device(str(device) if device else "auto")
-        torch_dtype = _torch_dtype(dtype)
+        dtype = torch_dtype(dtype)
         tokenizer = load_tokenizer(pretrained, trust_remote_code)
         report = None
         if compress_args:
-            model, report = _compress_in_memory(pretrained, compress_args, torch_device, torch_dtype,
+            model, report = _compress_in_memory(pretrained, compress_args, torch_device, dtype,
                                                 tokenizer, trust_remote_code)
             label = report["label"]
         else:
-            model = load_any(pretrained, device=torch_device, dtype=torch_dtype,
+            model = load_any(pretrained, device=torch_device, dtype=dtype,
                              trust_remote_code=trust_remote_code)
-            meta = Path(resolve_model(pretrained)) / COMPRESSION_FILE
-            label = read_json(meta).get("label") if meta.exists() else None
+            folder = Path(resolve_model(pretrained))
+            meta = read_compression_meta(folder) if folder.is_dir() else None
+            label = meta["label"] if meta is not None else None
         self._base = model
         self._prompt: torch.Tensor | None = None
         warnings: list[str] = []
@@ -208,19 +199,6 @@ class CTPLM(HFLM):
         weight = self._base.get_input_embeddings().weight
         return {"model_num_parameters": sum(p.numel() for p in self._base.parameters()),
                 "model_dtype": str(weight.dtype), "ctp": self.ctp_info}
-
-
-def register() -> None:
-    """Make ``--model ctp`` / ``simple_evaluate(model="ctp")`` resolve (idempotent).
-
-    Registers a lazy placeholder, so it costs only lm-eval's registry import; the copy that
-    ``ctp/__init__.py`` runs at import time must not import this (heavy) module.
-    """
-    import lm_eval.models  # noqa: F401  lm-eval's own names (it adds them only to an empty registry)
-    from lm_eval.api.registry import model_registry
-
-    if "ctp" not in model_registry:
-        model_registry.register("ctp", target="ctp.evaluate.lm_eval_plugin:CTPLM")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

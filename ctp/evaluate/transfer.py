@@ -7,20 +7,20 @@ model's log-perplexity gap (against the dense base) the prompt wins back:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_dir, read_json, write_json
-from ..compress.pipeline import COMPRESSION_FILE
+from ..artifacts import (COMPRESSION_FILE, atomic_dir, load_prompt_embeddings, read_compression_meta,
+                         read_json, read_prompt_meta, write_json)
 from ..data import load_text, source_label, tokenize
 from ..errors import CTPError
+from ..lm import default_seqlen
 from ..models import load_any, load_tokenizer
-from ..prompt.artifact import load_prompt_embeddings, read_prompt_meta
+from ..plots import plot_heatmap
 from ..prompt.stitch import check_compatible
-from .perplexity import default_seqlen, perplexity_of_ids
+from .perplexity import perplexity_of_ids
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,13 @@ def gap_recovered(dense: float, compressed: float, prompted: float) -> float | N
 
 
 def model_label(model_dir: str) -> str:
-    meta = Path(model_dir) / COMPRESSION_FILE
-    return read_json(meta).get("label", Path(model_dir).name) if meta.exists() else Path(model_dir).name
+    """A model's short name: its compression label, else its folder's name."""
+    meta = read_compression_meta(model_dir) if Path(model_dir).is_dir() else None
+    return meta["label"] if meta is not None else Path(model_dir).name
 
 
 def prompt_label(prompt_dir: str) -> str:
+    """A prompt's short name: ``prompt@<what it was tuned on>``, else its folder's name."""
     meta = read_prompt_meta(prompt_dir)
     trained_on = meta.get("compression_label")
     return f"prompt@{trained_on}" if trained_on else Path(prompt_dir).name
@@ -53,7 +55,7 @@ def transfer(
     dense: str | None = None,
     max_windows: int | None = None,
     batch_size: int = 1,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate every prompt on every model (and each model bare, and the dense base).
@@ -72,10 +74,10 @@ def transfer(
     tensors = {p: load_prompt_embeddings(p) for p in prompts}
     metas = {p: read_prompt_meta(p) for p in prompts}
     if dense is None:
-        first = Path(models[0]) / COMPRESSION_FILE
-        if not first.exists():
+        first = read_compression_meta(models[0]) if Path(models[0]).is_dir() else None
+        if first is None:
             raise CTPError(f"{models[0]} has no {COMPRESSION_FILE}: name the dense base with --dense")
-        dense = read_json(first)["base_model"]
+        dense = first["base_model"]
     text = load_text(data, split)
     longest = max(t.shape[0] for t in tensors.values())
 
@@ -138,38 +140,6 @@ def transfer_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_heatmap(result: dict[str, Any], path: Path) -> None:
-    """A heatmap PNG of the share of the gap recovered (models x prompts), each cell also
-    showing the prompted perplexity; colours saturate at +-100%."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    values = np.array([[c.get("recovered") if c.get("recovered") is not None else np.nan
-                        for c in row] for row in result["cells"]], dtype=float) * 100
-    rows, cols = values.shape
-    fig, ax = plt.subplots(figsize=(max(6.0, 3.2 + 1.8 * cols), 1.6 + 0.75 * rows), dpi=110)
-    image = ax.imshow(np.clip(values, -100, 100), cmap="RdYlGn", vmin=-100, vmax=100, aspect="auto")
-    for i in range(rows):
-        for j in range(cols):
-            cell = result["cells"][i][j]
-            text = "incompatible" if "error" in cell else (
-                f"{values[i, j]:.0f}%\nppl {cell['ppl']:.2f}" if not np.isnan(values[i, j])
-                else f"ppl {cell['ppl']:.2f}")
-            ax.text(j, i, text, ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(cols), [p["label"] for p in result["prompts"]], rotation=15, ha="right")
-    ax.set_yticks(range(rows), [f"{m['label']} (ppl {m['ppl']:.2f})" for m in result["models"]])
-    ax.set_title(f"share of each model's compression gap recovered by the prompt\n"
-                 f"{result['data']} {result['split']}, windows of {result['seqlen']}; "
-                 f"dense ppl {result['dense']['ppl']:.2f}", fontsize=9)
-    fig.colorbar(image, ax=ax, label="% of the gap recovered")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def write_transfer(result: dict[str, Any], out: str | Path, overwrite: bool = False) -> Path:
     """``transfer.json``, ``transfer.md`` and ``transfer.png`` into ``out`` (atomically)."""
     with atomic_dir(out, overwrite) as staging:
@@ -180,4 +150,5 @@ def write_transfer(result: dict[str, Any], out: str | Path, overwrite: bool = Fa
 
 
 def load_transfer(folder: str | Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "transfer.json").read_text())
+    """A transfer result written by :func:`write_transfer`."""
+    return read_json(Path(folder) / "transfer.json")

@@ -19,16 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_dir, read_json, write_json
-from ..compress.pipeline import COMPRESSION_FILE
+from ..artifacts import (PAIR_PROMPT_DIR, STITCH_FILE, atomic_dir, load_prompt_embeddings,
+                         read_compression_meta, read_prompt_meta, write_json)
 from ..errors import CTPError
-from ..evaluate.perplexity import model_context
+from ..lm import model_context
 from ..models import load_any, load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
-from .artifact import load_prompt_embeddings, read_prompt_meta
 
 log = logging.getLogger(__name__)
-
-STITCH_FILE = "ctp_stitch.json"
 
 
 @dataclass
@@ -44,9 +41,9 @@ class StitchResult:
 
 def target_fingerprint(model_dir: str, model: nn.Module) -> str | None:
     """The base-model fingerprint of a target: from its ctp_compression.json, else its weights."""
-    meta = Path(model_dir) / COMPRESSION_FILE
-    if meta.exists():
-        return read_json(meta).get("base_fingerprint")
+    meta = read_compression_meta(model_dir) if Path(model_dir).is_dir() else None
+    if meta is not None:
+        return meta["base_fingerprint"]
     if any(hasattr(p, "quant_state") for p in model.parameters()):
         return None
     return weights_fingerprint(model)
@@ -77,7 +74,7 @@ def check_compatible(prompt_dir: str, prompt: torch.Tensor, meta: dict[str, Any]
     return warnings
 
 
-def stitch(prompt_dir: str | os.PathLike, model_dir: str, device: str = "cpu",
+def stitch(prompt_dir: str | os.PathLike, model_dir: str, device: str = "auto",
            trust_remote_code: bool = False) -> StitchResult:
     """Attach the prompt in ``prompt_dir`` to the model in ``model_dir`` after checking they fit.
 
@@ -112,7 +109,7 @@ def save_stitched(prompt_dir: str, model_dir: str, out: str | os.PathLike, overw
         for item in source.iterdir():
             if item.is_file():
                 shutil.copy2(item, staging / item.name)
-        shutil.copytree(prompt_dir, staging / "prompt")
+        shutil.copytree(prompt_dir, staging / PAIR_PROMPT_DIR)
         write_json(staging / STITCH_FILE, {"model": str(model_dir), "prompt": str(prompt_dir),
                                            **(extra or {})})
     return Path(out)

@@ -1,10 +1,13 @@
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import calib_ids, tiny_model
-from ctp.compress.pipeline import COMPRESSION_FILE, compress
+from ctp.artifacts import COMPRESSION_FILE
+from ctp.compress.pipeline import compress
 from ctp.config import CompressConfig
 from ctp.errors import CTPError
 from ctp.models import weights_fingerprint
@@ -57,15 +60,23 @@ def test_overwrite_replaces(tmp_path):
 
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    """A failure after the checkpoint is already written into the staging folder (while writing
+    the report) removes the staging folder and leaves no output."""
     import ctp.compress.pipeline as pipeline
 
-    def boom(*args, **kwargs):
+    staged = []
+
+    def boom(path, obj):
+        folder = Path(path).parent
+        staged.extend(p.name for p in folder.iterdir())
+        assert folder.parent == tmp_path and folder.name.startswith(".out.tmp-")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pipeline, "sparsity_of", boom)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(pipeline, "write_json", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
         compress(tiny_model(), CompressConfig(prune="magnitude", quant="nf4"), tmp_path / "out",
                  progress=False)
+    assert "model.safetensors" in staged and "config.json" in staged  # it failed late
     assert list(tmp_path.iterdir()) == []
 
 

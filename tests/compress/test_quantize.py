@@ -95,7 +95,7 @@ def test_prompt_gradient_through_quantized_model_matches_its_dense_twin(tmp_path
     """bitsandbytes repacks 4-bit CPU weights on the first no-grad eval forward and then drops
     gradients (zero prompt gradient, silently). Models loaded by ctp must never do that: after
     an eval forward, the gradient equals the one through a dense model with the same weights."""
-    from ctp.evaluate.perplexity import token_nlls
+    from ctp.lm import token_nlls
     from ctp.models import load_any
 
     compress(tiny_model("llama").half(), CompressConfig(prune="magnitude", quant=quant),

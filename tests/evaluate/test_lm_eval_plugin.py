@@ -16,7 +16,7 @@ from ctp.config import CompressConfig, PromptConfig
 from ctp.errors import CTPError
 from ctp.evaluate.lm_eval_plugin import CTPLM, register
 from ctp.models import load_any, load_tokenizer
-from ctp.prompt.artifact import load_prompt_embeddings
+from ctp.artifacts import load_prompt_embeddings
 from ctp.prompt.tune import tune_prompt
 
 TASKS = REPO / "tests" / "data" / "lm_eval_tasks"
@@ -156,7 +156,7 @@ def test_compression_on_the_fly_equals_a_compressed_folder(setup, tmp_path, quan
 
 @pytest.mark.parametrize("extra, message", [
     ("prune=magnitude,sparsity=2", "sparsity must be in [0, 1), got 2"),
-    ("prune=pretty", "unknown pruning method 'pretty'"),
+    ("prune=pretty", "unknown prune 'pretty'"),
     ("prune=magnitude,pattern=4:2", "N:M pattern needs 0 < N < M"),
     ("sparsty=0.5", "unknown model_args sparsty"),
     ("peft=somewhere", "give prompt=FOLDER"),

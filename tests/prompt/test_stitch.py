@@ -1,5 +1,6 @@
 """Stitching a prompt onto other compressed copies: exact numbers, and the compatibility checks."""
 
+import math
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from ctp.compress.pipeline import compress
 from ctp.config import CompressConfig, PromptConfig
 from ctp.evaluate.perplexity import perplexity_of_ids
 from ctp.evaluate.transfer import gap_recovered, transfer
-from ctp.prompt.artifact import load_prompt_embeddings
+from ctp.artifacts import load_prompt_embeddings
 from ctp.prompt.stitch import stitch
 from ctp.prompt.tune import tune_prompt
 
@@ -61,9 +62,23 @@ def test_transfer_matrix_cells_match_direct_measurements(family):
                       max_windows=6, progress=False)
     assert result["dense"]["model"] == str(family["base"])
     assert [m["label"] for m in result["models"]] == ["wanda-50%+nf4", "magnitude-2:4"]
-    cell = result["cells"][1][0]
-    bare = result["models"][1]["ppl"]
-    assert cell["recovered"] == pytest.approx(gap_recovered(result["dense"]["ppl"], bare, cell["ppl"]))
+    # every number measured again here, directly, and the recovered share by hand
+    from ctp.data import load_text, tokenize
+    from ctp.models import load_any, load_tokenizer
+
+    ids = tokenize(load_tokenizer(family["a"]), load_text("embedded", "test"))
+    prompt = load_prompt_embeddings(family["prompt"])
+    dense = perplexity_of_ids(load_any(str(family["base"])), ids, 32, max_windows=6).ppl
+    assert result["dense"]["ppl"] == pytest.approx(dense, rel=1e-9)
+    for row, folder in zip(range(2), (family["a"], family["b"])):
+        model = load_any(folder)
+        bare = perplexity_of_ids(model, ids, 32, max_windows=6).ppl
+        prompted = perplexity_of_ids(model, ids, 32, prompt=prompt, max_windows=6).ppl
+        cell = result["cells"][row][0]
+        assert result["models"][row]["ppl"] == pytest.approx(bare, rel=1e-9)
+        assert cell["ppl"] == pytest.approx(prompted, rel=1e-9)
+        by_hand = (math.log(bare) - math.log(prompted)) / (math.log(bare) - math.log(dense))
+        assert cell["recovered"] == pytest.approx(by_hand, rel=1e-9)
 
 
 def test_mismatched_hidden_size_and_tokenizer_are_refused(family, tmp_path, capfd, tokenizer):
@@ -128,10 +143,11 @@ def test_stitch_out_needs_a_local_model_folder(family, tmp_path, capfd):
 def test_checkpoint_survives_a_crash_between_renames(tmp_path):
     import os
 
-    from ctp.prompt.artifact import find_checkpoint, load_checkpoint, save_checkpoint
+    from ctp.artifacts import find_checkpoint, load_checkpoint, save_checkpoint
 
     work = tmp_path / "run.work"
-    save_checkpoint(work / "checkpoint", {"prompt": torch.ones(2, 3)}, {"step": 4})
+    state = {"settings": {}, "step": 4, "history": {}, "best": {}, "optimizer": {}, "scheduler": {}}
+    save_checkpoint(work / "checkpoint", {"prompt": torch.ones(2, 3)}, state)
     os.replace(work / "checkpoint", work / "checkpoint.old")  # as if killed mid-save
     found = find_checkpoint(work)
     assert found == work / "checkpoint.old"

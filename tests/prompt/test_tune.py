@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_model
 from ctp.config import PromptConfig
-from ctp.evaluate.perplexity import token_nlls
-from ctp.prompt.artifact import load_prompt_embeddings, read_prompt_meta
+from ctp.lm import token_nlls
+from ctp.artifacts import load_prompt_embeddings, read_prompt_meta
 from ctp.prompt.tune import tune_prompt
 
 
@@ -67,10 +67,10 @@ def test_prompt_folder_is_a_peft_adapter_that_scores_like_ctp(tmp_path):
 
 @pytest.mark.parametrize("init", ["vocab", "sample-vocab", "random", "text:the model"])
 def test_initialisations(init, tokenizer):
-    from ctp.prompt.tune import _init_prompt
+    from ctp.prompt.state import init_prompt
 
     embed = torch.randn(2048, 8)
-    prompt = _init_prompt(PromptConfig(num_virtual_tokens=6, init=init), embed, tokenizer)
+    prompt = init_prompt(PromptConfig(num_virtual_tokens=6, init=init), embed, tokenizer)
     assert prompt.shape == (6, 8)
     if init == "vocab":
         assert torch.equal(prompt, embed[:6])
@@ -179,27 +179,36 @@ def test_bad_inputs(tmp_path, tiny_dir, texts, capfd):
     assert list(exists.iterdir()) == []
 
 
-def test_resume_with_different_settings_is_refused(tmp_path, tiny_dir, texts, capfd):
+def test_resume_with_different_settings_is_refused(tmp_path, tiny_dir, texts, capfd, monkeypatch):
+    """A run interrupted after its first checkpoint resumes only with its own settings, and then
+    ends exactly where an uninterrupted run ends."""
     from ctp.cli import main
+    from ctp.prompt.state import TrainState
 
     model_dir = tiny_dir("llama")
-    work = tmp_path / "p.work" / "checkpoint"
-    # make a real checkpoint by interrupting nothing: a run that saves, then stops via steps
-    code = main(tune_args(model_dir, tmp_path / "full", texts, "--steps", "4", "--save-every", "2"))
-    assert code == 0
-    # craft an interrupted run: copy a checkpoint as a run would leave it
-    from ctp.prompt.artifact import save_checkpoint
-    from ctp.prompt.tune import _run_settings
+    common = ["--steps", "6", "--save-every", "2", "--eval-every", "3"]
+    assert main(tune_args(model_dir, tmp_path / "straight", texts, *common)) == 0
 
-    settings = {"config": _run_settings(PromptConfig(num_virtual_tokens=4, seqlen=32, lr=0.01,
-                                                     batch_size=4, steps=4)),
-                "steps": 4, "world": 1, "train_tokens": 0, "val_tokens": 0, "hidden": 64,
-                "model": str(model_dir)}
-    save_checkpoint(work, {"prompt": torch.zeros(4, 64)}, {"settings": settings, "step": 2})
+    save = TrainState.save
+
+    def save_then_die(self, folder):
+        save(self, folder)
+        raise KeyboardInterrupt  # as if killed right after the first checkpoint
+
+    monkeypatch.setattr(TrainState, "save", save_then_die)
+    assert main(tune_args(model_dir, tmp_path / "p", texts, *common)) == 130
+    monkeypatch.setattr(TrainState, "save", save)
+    assert (tmp_path / "p.work" / "checkpoint").is_dir() and not (tmp_path / "p").exists()
     capfd.readouterr()
-    code = main(tune_args(model_dir, tmp_path / "p", texts, "--steps", "4", "--resume"))
-    err = capfd.readouterr().err.strip().splitlines()
-    assert code == 2 and "different settings" in err[-1] and len(err) == 1
+    for changed in (["--lr", "0.02"], ["--seed", "1"], ["--num-virtual-tokens", "5"]):
+        code = main(tune_args(model_dir, tmp_path / "p", texts, *common, *changed, "--resume"))
+        err = capfd.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "different settings" in err[0], (changed, err)
+        assert not (tmp_path / "p").exists()
+    assert main(tune_args(model_dir, tmp_path / "p", texts, *common, "--resume")) == 0
+    straight, resumed = read_prompt_meta(tmp_path / "straight"), read_prompt_meta(tmp_path / "p")
+    assert resumed["history"]["train_loss"] == pytest.approx(straight["history"]["train_loss"], abs=1e-7)
+    assert torch.equal(load_prompt_embeddings(tmp_path / "p"), load_prompt_embeddings(tmp_path / "straight"))
 
 
 def test_eval_with_prompt_folder_matches_the_api(tmp_path, tiny_dir, texts, capfd):
