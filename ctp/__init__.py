@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _API = {
     "compress": "ctp.compress.pipeline",
     "CompressResult": "ctp.compress.pipeline",
-    "prune_": "ctp.compress.prune",
+    "prune_": "ctp.compress.layers",
     "perplexity": "ctp.evaluate.api",
     "evaluate": "ctp.evaluate.api",
     "load_compressed": "ctp.models",

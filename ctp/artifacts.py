@@ -65,6 +65,15 @@ def make_temp_dir(parent: str | os.PathLike | None = None, prefix: str = "ctp-")
     return path
 
 
+def follow_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the mode the umask allows (some writers,
+    safetensors among them, create files readable by their owner only)."""
+    mask = current_umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing output path unless ``overwrite``; return it as a Path."""
     path = Path(out)
@@ -86,6 +95,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     tmp = make_temp_dir(final.parent, prefix=f".{final.name}.tmp-")
     try:
         yield tmp
+        follow_umask(tmp)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, old / "x")

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from .errors import CTPError
 
-PRUNE_METHODS = ("wanda", "magnitude", "none")
+PRUNE_METHODS = ("wanda", "sparsegpt", "magnitude", "none")
+ROUNDINGS = ("rtn", "obs")
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 MAGNITUDE_SCOPES = ("matrix", "row")
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
@@ -67,8 +68,9 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 class CompressConfig:
     """How to compress a model: prune (optionally), then quantize (optionally)."""
 
-    prune: str = field(default="wanda", metadata=_help("pruning metric: wanda, magnitude or none",
-                                                       PRUNE_METHODS))
+    prune: str = field(default="wanda", metadata=_help(
+        "pruning method: wanda (|W| x input norm, per output row), sparsegpt (second-order, "
+        "updates the surviving weights), magnitude, or none", PRUNE_METHODS))
     sparsity: float | None = field(
         default=None,
         metadata=_help("fraction of each decoder Linear's weights set to zero, in [0, 1); "
@@ -87,6 +89,14 @@ class CompressConfig:
     quant: str = field(default="nf4", metadata=_help("quantization after pruning: nf4, fp4, int8 or none",
                                                      QUANT_METHODS))
     double_quant: bool = field(default=False, metadata=_help("also quantize the 4-bit scales"))
+    rounding: str = field(default="rtn", metadata=_help(
+        "how weights are rounded to the 4-bit / 8-bit grid: rtn (bitsandbytes' round to nearest) "
+        "or obs (each rounding error compensated by the weights not yet rounded, through the "
+        "inverse Hessian of the calibration inputs, as GPTQ; needs calibration text)", ROUNDINGS))
+    dampening: float = field(default=0.01, metadata=_help(
+        "sparsegpt / obs: added to the Hessian's diagonal, as a fraction of its mean"))
+    blocksize: int = field(default=128, metadata=_help(
+        "sparsegpt / obs: columns per block of the sweep (masks are chosen per block)"))
     compute_dtype: str = field(
         default="auto",
         metadata=_help("dtype 4-bit layers compute in: auto (bfloat16 on GPU, float32 on CPU), "
@@ -135,6 +145,15 @@ class CompressConfig:
             raise CTPError(f"seqlen must be at least 2, got {self.seqlen}")
         if self.calib_batch_size <= 0:
             raise CTPError(f"calib_batch_size must be positive, got {self.calib_batch_size}")
+        if not self.dampening > 0:
+            raise CTPError(f"dampening must be positive, got {self.dampening:g}")
+        if self.blocksize <= 0:
+            raise CTPError(f"blocksize must be positive, got {self.blocksize}")
+        if self.rounding == "obs" and self.quant == "none":
+            raise CTPError("rounding obs rounds onto a quantization grid: give --quant nf4, fp4 or int8")
+        if self.prune == "sparsegpt" and nm is not None and self.blocksize % nm[1]:
+            raise CTPError(f"sparsegpt with pattern {self.pattern} needs a blocksize divisible by "
+                           f"{nm[1]}, got {self.blocksize}")
         if self.prune == "none":
             self.sparsity = 0.0
             self.pattern = "unstructured"
@@ -151,7 +170,8 @@ class CompressConfig:
             amount = self.pattern if self.nm else f"{self.sparsity * 100:g}%"
             parts.append(f"{self.prune}-{amount}")
         if self.quant != "none":
-            parts.append(self.quant + ("-dq" if self.double_quant else ""))
+            parts.append(self.quant + ("-dq" if self.double_quant else "")
+                         + ("-obs" if self.rounding == "obs" else ""))
         return "+".join(parts) or "dense"
 
 

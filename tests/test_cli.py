@@ -35,7 +35,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_folder(tmp_path, tiny_dir, short
         ([model, "--pattern", "4:2"], "0 < N < M"),
         ([model, "--pattern", "2-4"], "N:M"),
         ([model, "--pattern", "2:3", "--prune", "magnitude"], "divisible by 3"),
-        ([model, "--prune", "sparsegpt"], "invalid choice"),
+        ([model, "--prune", "obs"], "invalid choice"),
         ([model, "--quant", "int3"], "invalid choice"),
         ([model, "--calib", str(short_text), "--seqlen", "64", "--nsamples", "2"], "too short for one window"),
         ([model, "--calib", str(tmp_path / "nope.txt")], "unknown text source"),

@@ -109,27 +109,33 @@ def run_layer(
 
 def layer_by_layer(
     model: nn.Module,
-    ids: torch.Tensor,
+    ids: torch.Tensor | None,
     device: torch.device,
-    process: Callable[[int, nn.Module, Callable[[], None]], None],
+    process: Callable[[int, nn.Module, Callable[[], None] | None], None],
     batch_size: int = 8,
     progress: bool = True,
 ) -> None:
-    """Sequential calibration: for each decoder layer, call ``process(index, layer, run)``.
+    """Sequential compression: for each decoder layer, call ``process(index, layer, run)``.
 
-    ``run()`` feeds every calibration window through the layer (so forward hooks ``process``
-    registers see them all). After ``process`` returns (having, e.g., pruned the layer), the
-    layer is run again to produce the next layer's inputs: layer ``i`` is calibrated on the
-    outputs of the already-processed layers ``< i``.
+    The layer is on ``device`` during the call. ``run()`` feeds every calibration window through
+    the layer (so forward hooks ``process`` registers see them all). After ``process`` returns
+    (having, e.g., pruned and quantized the layer), the layer is run again to produce the next
+    layer's inputs: layer ``i`` is calibrated on the outputs of the already-processed layers
+    ``< i``. Without calibration ``ids``, ``run`` is None and layers are only moved and processed.
     """
     layers = decoder_layers(model)
-    inputs, kwargs = capture_layer_inputs(model, ids, device, progress)
-    outputs = torch.empty_like(inputs)
+    inputs = outputs = None
+    if ids is not None:
+        inputs, kwargs = capture_layer_inputs(model, ids, device, progress)
+        outputs = torch.empty_like(inputs)
     for index in tqdm(range(len(layers)), desc="layers", disable=not progress):
         layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
-        process(index, layer, lambda x=inputs, m=layer: run_layer(m, x, kwargs, batch_size))
-        run_layer(layer, inputs, kwargs, batch_size, outputs)
+        if inputs is None:
+            process(index, layer, None)
+        else:
+            process(index, layer, lambda x=inputs, m=layer: run_layer(m, x, kwargs, batch_size))
+            run_layer(layer, inputs, kwargs, batch_size, outputs)
+            inputs, outputs = outputs, inputs
         layer.to(home)
-        inputs, outputs = outputs, inputs

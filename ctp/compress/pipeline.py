@@ -1,10 +1,8 @@
-"""``compress()``: load -> (calibrate) -> prune -> quantize -> save, with a report."""
+"""``compress()``: load -> calibrate, prune and quantize layer by layer in place -> save once."""
 
 from __future__ import annotations
 
-import gc
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,11 +18,13 @@ from ..config import CompressConfig, to_dict
 from ..data import calibration_ids, source_label
 from ..errors import CTPError
 from ..models import EMBEDDED_NAME, check_supported, decoder_layers, load_model, load_tokenizer, weights_fingerprint
-from ..runtime import TORCH_DTYPES, device_map_for, peak_memory, require_bnb, resolve_device
-from .prune import check_prunable, decoder_linears, prune_, sparsity_of
-from .quantize import bnb_config, dense_weight, modules_to_skip
+from ..runtime import TORCH_DTYPES, compute_dtype_for, peak_memory, require_bnb, resolve_device
+from .layers import Plan, compress_layers_
+from .prune import check_prunable, decoder_linears, sparsity_summary
+from .quantize import bnb_config, dense_weight, is_skipped, modules_to_skip, quantized_linear, replace_module_
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class CompressResult:
@@ -44,9 +44,10 @@ def _folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern))
 
 
-def _calibration(config: CompressConfig, model: nn.Module, tokenizer: Any,
+def _calibration(plan: Plan, model: nn.Module, tokenizer: Any,
                  calibration: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[str, Any]]:
-    if config.prune != "wanda" or config.sparsity == 0.0:
+    config = plan.config
+    if not plan.calibrated:
         return None, {}
     if calibration is not None:
         if calibration.dim() != 2 or calibration.dtype != torch.long:
@@ -54,7 +55,7 @@ def _calibration(config: CompressConfig, model: nn.Module, tokenizer: Any,
         return calibration, {"source": "tensor", "nsamples": calibration.shape[0],
                              "seqlen": calibration.shape[1], "seed": None}
     if tokenizer is None:
-        raise CTPError("wanda pruning needs a tokenizer or a calibration tensor")
+        raise CTPError(f"{config.label()} needs calibration text: a tokenizer or a calibration tensor")
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     seqlen = config.seqlen or min(context, 2048)
     if seqlen > context:
@@ -76,11 +77,15 @@ def compress(
 ) -> CompressResult:
     """Prune and quantize a causal LM; save it as a standard checkpoint when ``out`` is given.
 
+    Decoder layers are calibrated, pruned and quantized one at a time on ``config.device``, in
+    place (the model itself stays on the CPU), and the result is saved once. The returned model
+    is what ``AutoModelForCausalLM.from_pretrained(out)`` loads.
+
     Args:
-        model: hub id, local folder, ``"embedded"``, or a loaded model. A loaded model is
-            consumed: it is pruned in place, saved, and its weights are released (moved to the
-            ``meta`` device) before the result is reloaded -- use ``result.model`` afterwards.
-        config: what to do (defaults: Wanda 50% unstructured, then NF4).
+        model: hub id, local folder, a named model (``"embedded"``), or a loaded model (which
+            is compressed in place: use ``result.model``, the same object, afterwards; its
+            non-persistent buffers, such as rotary frequencies, stay as given).
+        config: what to do (defaults: Wanda 50% unstructured, then NF4 rounded to nearest).
         out: output folder, written atomically (temporary folder, then rename); ``None`` keeps
             the result in memory only.
         tokenizer: needed for calibration text and saved with the model; loaded from ``model``
@@ -88,7 +93,7 @@ def compress(
         calibration: ready calibration token ids ``[nsamples, seqlen]`` (skips text sampling).
         overwrite: replace an existing ``out``.
     Returns:
-        the compressed model (4-bit bitsandbytes modules when quantized), a report (also
+        the compressed model (bitsandbytes modules when quantized, on the CPU), a report (also
         written to ``out/ctp_compression.json``) and the output path.
     """
     config = config or CompressConfig()
@@ -100,7 +105,61 @@ def compress(
         torch.cuda.reset_peak_memory_stats(device)
     if config.quant != "none":
         require_bnb(device, config.quant)
+    model, name, tokenizer, stored_dtype = _load(model, config, device, tokenizer)
+    check_prunable(model, config)
+    fingerprint = weights_fingerprint(model)
+    dense_params = sum(p.numel() for p in model.parameters())
+    skipped = modules_to_skip(model, config.quant) if config.quant != "none" else []
+    plan = Plan(config, quantize=config.quant != "none", skip=skipped, stored_dtype=stored_dtype,
+                compute_dtype=(TORCH_DTYPES[config.compute_dtype] if config.compute_dtype != "auto"
+                               else compute_dtype_for(device)))
+    ids, calib_record = _calibration(plan, model, tokenizer, calibration)
+    layers_started = time.time()
+    counts = compress_layers_(model, plan, ids, device, progress)
+    layers_seconds = time.time() - layers_started
+    _finish_(model, plan)
+    pruned = sparsity_summary(counts)
+    pruned.pop("by_matrix")
+    staging_ctx = (atomic_dir(out, overwrite) if out is not None
+                   else tempfile.TemporaryDirectory(prefix="ctp-compress-"))
+    with staging_ctx as staging:
+        staging = Path(staging)
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        else:
+            log.warning("no tokenizer given: the checkpoint is saved without one")
+        disk_bytes = _folder_bytes(staging)
+        report = {
+            "ctp_version": __version__,
+            "base_model": name,
+            "base_model_local": name != EMBEDDED_NAME and Path(name).expanduser().exists(),
+            "base_revision": config.revision or getattr(model.config, "_commit_hash", None),
+            "base_fingerprint": fingerprint,
+            "compression": to_dict(config),
+            "label": config.label(),
+            "calibration": calib_record,
+            "unquantized_modules": skipped,
+            "sparsity_after_pruning": pruned,
+            "sparsity": stored_sparsity(model),  # of the stored weights: rounding may add zeros
+            "parameters": dense_params,
+            "dense_bytes": dense_params * torch.finfo(stored_dtype).bits // 8,
+            "disk_bytes": disk_bytes,
+            "bits_per_weight": disk_bytes * 8 / dense_params,
+            "prune_seconds": round(layers_seconds, 3),  # the layer-by-layer work, quantization included
+            "seconds": round(time.time() - started, 3),
+            "peak_memory": peak_memory(device),
+            "device": str(device),
+            "versions": _versions(),
+        }
+        write_json(staging / COMPRESSION_FILE, report)
+    return CompressResult(model=model, report=report, out=Path(out) if out is not None else None)
 
+
+def _load(model: str | nn.Module, config: CompressConfig, device: torch.device,
+          tokenizer: Any) -> tuple[nn.Module, str, Any, torch.dtype]:
+    """The model to compress (on the CPU, in the work dtype), its name, its tokenizer, and the
+    dtype its checkpoint stores (what the output stores too)."""
     if isinstance(model, str):
         name = model
         hf_config = check_supported(name, config.trust_remote_code)
@@ -116,94 +175,41 @@ def compress(
         name = getattr(model.config, "_name_or_path", "") or "in-memory model"
         decoder_layers(model)  # refuses unsupported architectures
         stored_dtype = next(model.parameters()).dtype
-    model.eval()
-    check_prunable(model, config)
-    fingerprint = weights_fingerprint(model)
-    dense_params = sum(p.numel() for p in model.parameters())
-    dense_bytes = dense_params * torch.finfo(stored_dtype).bits // 8
-
-    ids, calib_record = _calibration(config, model, tokenizer, calibration)
-    prune_started = time.time()
-    prune_(model, config, ids, device, progress)
-    prune_seconds = time.time() - prune_started
-    pruned = sparsity_of({n: m.weight.detach() for n, m in decoder_linears(model).items()})
-    pruned.pop("by_matrix")
-
-    compute_dtype = (TORCH_DTYPES[config.compute_dtype] if config.compute_dtype != "auto"
-                     else torch.bfloat16 if device.type == "cuda" else torch.float32)
-    staging_ctx = (atomic_dir(out, overwrite) if out is not None
-                   else tempfile.TemporaryDirectory(prefix="ctp-compress-"))
-    with staging_ctx as staging:
-        staging = Path(staging)
-        model.to(stored_dtype)
-        skipped = modules_to_skip(model, config.quant) if config.quant != "none" else []
-        model = _save_and_reload(model, staging, config, compute_dtype, stored_dtype, skipped, device)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        else:
-            log.warning("no tokenizer given: the checkpoint is saved without one")
-        weights = {n: dense_weight(m) for n, m in decoder_linears(model).items()}
-        achieved = sparsity_of(weights)
-        del weights
-        disk_bytes = _folder_bytes(staging)
-        report = {
-            "ctp_version": __version__,
-            "base_model": name,
-            "base_model_local": name != EMBEDDED_NAME and Path(name).expanduser().exists(),
-            "base_revision": config.revision or getattr(model.config, "_commit_hash", None),
-            "base_fingerprint": fingerprint,
-            "compression": to_dict(config),
-            "label": config.label(),
-            "calibration": calib_record,
-            "unquantized_modules": skipped,
-            "sparsity_after_pruning": pruned,
-            "sparsity": achieved,  # of the stored weights: quantization may round more to zero
-            "parameters": dense_params,
-            "dense_bytes": dense_bytes,
-            "disk_bytes": disk_bytes,
-            "bits_per_weight": disk_bytes * 8 / dense_params,
-            "prune_seconds": round(prune_seconds, 3),
-            "seconds": round(time.time() - started, 3),
-            "peak_memory": peak_memory(device),
-            "device": str(device),
-            "versions": _versions(),
-        }
-        write_json(Path(staging) / COMPRESSION_FILE, report)
-    return CompressResult(model=model, report=report, out=Path(out) if out is not None else None)
+        if any(type(m) is not nn.Linear and isinstance(m, nn.Linear) for m in model.modules()):
+            raise CTPError("the model given is already quantized; compress its dense base")
+    return model.eval(), name, tokenizer, stored_dtype
 
 
-def _save_and_reload(model: nn.Module, staging: Path, config: CompressConfig,
-                     compute_dtype: torch.dtype, stored_dtype: torch.dtype, skipped: list[str],
-                     device: torch.device) -> nn.Module:
-    """Save the pruned dense model, free it, and reload it (quantized when asked) from disk.
+@torch.no_grad()
+def _finish_(model: nn.Module, plan: Plan) -> None:
+    """After the decoder layers: quantize the other Linears (round to nearest: no calibration
+    statistics reach them), store every other parameter in the checkpoint's dtype, and record
+    the quantization config so ``save_pretrained`` writes what ``from_pretrained`` reads."""
+    if plan.quantize:
+        for name, module in list(model.named_modules()):
+            if type(module) is nn.Linear and not is_skipped(name, plan.skip):
+                replace_module_(model, name, quantized_linear(
+                    module, plan.config.quant, plan.config.double_quant, plan.compute_dtype,
+                    plan.stored_dtype))
+    for param in model.parameters():  # buffers (rotary frequencies) stay as the model built them
+        if type(param) is nn.Parameter and param.is_floating_point() and param.dtype != plan.stored_dtype:
+            param.data = param.data.to(plan.stored_dtype)
+    model.eval()  # the modules built in place start in training mode
+    model.config.dtype = plan.stored_dtype
+    if plan.quantize:
+        model.config.quantization_config = bnb_config(plan.config.quant, plan.config.double_quant,
+                                                      plan.compute_dtype, plan.skip)
 
-    The returned model is exactly what a user gets from ``from_pretrained(out)``: quantization
-    goes through transformers' own bitsandbytes path, and buffers that are not saved (rotary
-    frequencies) are rebuilt rather than kept in the pruning dtype.
-    """
-    from transformers import AutoModelForCausalLM
 
-    quantized = config.quant != "none"
-    source = Path(tempfile.mkdtemp(prefix=".dense-", dir=staging.parent)) if quantized else staging
-    try:
-        model.save_pretrained(source)
-        model.to("meta")  # release the dense weights now, whoever still references the model
-        gc.collect()
-        reloaded = AutoModelForCausalLM.from_pretrained(
-            source,
-            quantization_config=(bnb_config(config.quant, config.double_quant, compute_dtype, skipped)
-                                 if quantized else None),
-            dtype=stored_dtype,
-            device_map=device_map_for(device),
-            trust_remote_code=config.trust_remote_code,
-        )
-    finally:
-        if quantized:
-            shutil.rmtree(source, ignore_errors=True)
-    reloaded.eval()
-    if quantized:
-        reloaded.save_pretrained(staging)
-    return reloaded
+def stored_sparsity(model: nn.Module) -> dict[str, object]:
+    """Exact zeros of every decoder Linear's effective weight, read one matrix at a time (a 7B
+    model's weights never exist in float32 all at once)."""
+    counts = {}
+    for name, module in decoder_linears(model).items():
+        weight = dense_weight(module)
+        counts[name] = (int((weight == 0).sum()), weight.numel())
+        del weight
+    return sparsity_summary(counts)
 
 
 def _versions() -> dict[str, str]:

@@ -1,13 +1,11 @@
-"""Pruning: ``prune_(model, config, calibration_ids)`` zeroes weights of decoder Linears in place.
+"""Pruning decisions for one weight matrix, and the bookkeeping around them: which Linears are
+pruned, whether a pattern fits them, and how much was zeroed.
 
-Methods are picked from :data:`METHODS`. Only ``nn.Linear`` modules inside the decoder layers
-are pruned; embeddings and the output head are not.
+Only ``nn.Linear`` modules inside the decoder layers are pruned; embeddings and the output head
+are not. The layer-by-layer work itself is :mod:`ctp.compress.layers`.
 """
 
 from __future__ import annotations
-
-import logging
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -15,26 +13,29 @@ from torch import nn
 from ..config import CompressConfig
 from ..errors import CTPError
 from ..models import decoder_layers
-from .calibrate import layer_by_layer
 from .masks import matrix_mask, nm_mask, row_mask
-from .scores import InputNorms, magnitude_score, wanda_score
-
-log = logging.getLogger(__name__)
+from .scores import magnitude_score, wanda_score
 
 
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """The Linear modules of one decoder layer, by name relative to the layer."""
+    """The Linear modules of one decoder layer (bitsandbytes' quantized ones included: they
+    subclass ``nn.Linear``), by name relative to the layer."""
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
-def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every Linear inside the decoder layers, by full module name."""
+def layers_prefix(model: nn.Module) -> str:
+    """The dotted name of the model's decoder-layer list (e.g. ``model.layers``)."""
     layers = decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
+    return next(n for n, m in model.named_modules() if m is layers)
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear inside the decoder layers (also once quantized), by full module name."""
+    prefix = layers_prefix(model)
     return {
-        f"{prefix}.{i}.{name}": linear
-        for i, layer in enumerate(layers)
-        for name, linear in layer_linears(layer).items()
+        f"{prefix}.{i}.{name}": module
+        for i, layer in enumerate(decoder_layers(model))
+        for name, module in layer_linears(layer).items()
     }
 
 
@@ -58,72 +59,23 @@ def select_mask(score: torch.Tensor, config: CompressConfig, per_row: bool) -> t
     return row_mask(score, config.sparsity) if per_row else matrix_mask(score, config.sparsity)
 
 
-@torch.no_grad()
-def _zero(linear: nn.Linear, mask: torch.Tensor) -> None:
-    linear.weight.data.masked_fill_(mask.to(linear.weight.device), 0)
+def pruning_mask(weight: torch.Tensor, config: CompressConfig,
+                 input_sq_norm: torch.Tensor | None) -> torch.Tensor | None:
+    """Magnitude's or Wanda's mask for ``weight`` (None when the config chooses its mask inside
+    an OBS sweep, as SparseGPT does, or prunes nothing)."""
+    if config.prune == "magnitude":
+        return select_mask(magnitude_score(weight), config, per_row=config.magnitude_scope == "row")
+    if config.prune == "wanda":
+        return select_mask(wanda_score(weight, input_sq_norm), config, per_row=True)
+    return None
 
 
-def _prune_magnitude(model, config, calibration, device, batch_size, progress) -> None:
-    per_row = config.magnitude_scope == "row"
-    for linear in decoder_linears(model).values():
-        _zero(linear, select_mask(magnitude_score(linear.weight), config, per_row))
-
-
-def _prune_wanda(model, config, calibration, device, batch_size, progress) -> None:
-    if calibration is None:
-        raise CTPError("wanda pruning needs calibration data")
-
-    def process(index: int, layer: nn.Module, run: Callable[[], None]) -> None:
-        linears = layer_linears(layer)
-        norms = {name: InputNorms(lin.in_features, device) for name, lin in linears.items()}
-        hooks = [
-            lin.register_forward_hook(lambda mod, args, out, n=name: norms[n].update(args[0]))
-            for name, lin in linears.items()
-        ]
-        try:
-            run()
-        finally:
-            for h in hooks:
-                h.remove()
-        for name, lin in linears.items():
-            _zero(lin, select_mask(wanda_score(lin.weight, norms[name].value), config, per_row=True))
-
-    layer_by_layer(model, calibration, device, process, batch_size, progress)
-
-
-METHODS: dict[str, Callable[..., None]] = {
-    "magnitude": _prune_magnitude,
-    "wanda": _prune_wanda,
-}
-
-
-def prune_(
-    model: nn.Module,
-    config: CompressConfig,
-    calibration: torch.Tensor | None = None,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-) -> None:
-    """Prune ``model``'s decoder Linears in place.
-
-    Args:
-        config: method, sparsity and pattern (``config.prune == "none"`` does nothing).
-        calibration: token ids ``[nsamples, seqlen]`` (wanda only).
-        device: where each decoder layer is calibrated; the model may live elsewhere (CPU).
-    """
-    if config.prune == "none" or config.sparsity == 0.0:
-        return
-    check_prunable(model, config)
-    METHODS[config.prune](model, config, calibration, torch.device(device),
-                          config.calib_batch_size, progress)
-
-
-def sparsity_of(weights: dict[str, torch.Tensor]) -> dict[str, object]:
-    """Achieved sparsity: overall, per layer type (last name part, e.g. ``q_proj``), per matrix."""
+def sparsity_summary(counts: dict[str, tuple[int, int]]) -> dict[str, object]:
+    """Sparsity from ``{matrix name: (zeros, numel)}``: overall, per layer type (last name part,
+    e.g. ``q_proj``), per matrix."""
     per_matrix, by_type = {}, {}
     zeros_total = numel_total = 0
-    for name, w in weights.items():
-        zeros, numel = int((w == 0).sum()), w.numel()
+    for name, (zeros, numel) in counts.items():
         per_matrix[name] = zeros / numel
         kind = name.rsplit(".", 1)[-1]
         z, n = by_type.get(kind, (0, 0))

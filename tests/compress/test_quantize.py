@@ -58,22 +58,27 @@ import sys, torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+state = {k: v.contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+for module in model.modules():  # bitsandbytes' own switch: no bfloat16 repacking on this CPU
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
 ids = torch.load(sys.argv[2], weights_only=True)
 with torch.no_grad():
     logits = model(input_ids=ids).logits
 assert not any(m == "ctp" or m.startswith("ctp.") for m in sys.modules), "ctp was imported"
-save_file({"logits": logits.float().contiguous()}, sys.argv[3])
+save_file({"logits": logits.float().contiguous(), **{"state." + k: v for k, v in state.items()}},
+          sys.argv[3])
 """
 
 
-@pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
-def test_fresh_process_reload_without_ctp_gives_identical_logits(tmp_path, quant):
+@pytest.mark.parametrize("quant,rounding", [("nf4", "rtn"), ("int8", "rtn"), ("none", "rtn"),
+                                            ("nf4", "obs"), ("int8", "obs")])
+def test_fresh_process_reload_without_ctp_gives_identical_logits(tmp_path, tiny_dir, quant, rounding):
     from safetensors.torch import load_file
 
-    model = tiny_model("llama").half()
     ids = calib_ids(4, 32)
-    result = compress(model, CompressConfig(prune="wanda", quant=quant), tmp_path / "out",
-                      calibration=ids, progress=False)
+    result = compress(str(tiny_dir("llama")), CompressConfig(prune="wanda", quant=quant, rounding=rounding),
+                      tmp_path / "out", calibration=ids, progress=False)
     probe = calib_ids(2, 24, seed=1)
     with torch.no_grad():
         expected = result.model(input_ids=probe).logits.float()
@@ -84,8 +89,12 @@ def test_fresh_process_reload_without_ctp_gives_identical_logits(tmp_path, quant
                            str(tmp_path / "logits.safetensors")], capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = load_file(str(tmp_path / "logits.safetensors"))["logits"]
-    assert torch.equal(got, expected)
+    reloaded = load_file(str(tmp_path / "logits.safetensors"))
+    assert torch.equal(reloaded["logits"], expected)
+    ours = {k: v for k, v in result.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert set(ours) == {k[len("state."):] for k in reloaded if k.startswith("state.")}
+    for key, value in ours.items():  # the very modules and tensors from_pretrained builds
+        assert torch.equal(value, reloaded["state." + key]), key
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert ("quantization_config" in config) == (quant != "none")
 
