@@ -23,7 +23,7 @@ from .artifacts import (COMPRESSION_FILE, PAIR_PROMPT_DIR, PROMPT_FILE, STITCH_F
                         read_compression_meta, read_prompt_meta, read_stitch_meta)
 from .data import HUB_SOURCES, SOURCE_NAMES
 from .errors import CTPError
-from .models import EMBEDDED_NAME
+from .zoo import NAMED_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _is_local(name: str, recorded: bool | None = None) -> bool:
 def _public(name: Any, recorded_local: bool | None = None) -> Any:
     """A name fit for a public card: Hub ids, corpus and named models as they are; a local
     path only as its last component (a card never publishes where files lie on a machine)."""
-    if not isinstance(name, str) or name in SOURCE_NAMES or name == EMBEDDED_NAME:
+    if not isinstance(name, str) or name in SOURCE_NAMES or name in NAMED_MODELS:
         return name
     return Path(name).name if _is_local(name, recorded_local) else name
 
@@ -92,7 +92,7 @@ def _public_config(cfg: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[st
 
 def _hub_id(name: Any, recorded_local: bool | None = None) -> str | None:
     """``name`` when it can be a Hub model id (not ``embedded``, not a local path)."""
-    if not isinstance(name, str) or name == EMBEDDED_NAME or _is_local(name, recorded_local):
+    if not isinstance(name, str) or name in NAMED_MODELS or _is_local(name, recorded_local):
         return None
     return name
 
@@ -248,7 +248,7 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None) -> str:
         datasets=list(dict.fromkeys(d for d in map(_dataset, sources) if d)) or None,
         tags=["ctp", *_compression_tags(compression), *(["soft-prompt", "prompt-tuning"] if meta else [])],
     )
-    base_text = f"`{base}`" + (" (the small Llama bundled with ctp)" if base == "embedded" else "")
+    base_text = f"`{base}`" + (f" ({NAMED_MODELS[base].description})" if base in NAMED_MODELS else "")
     what = {COMPRESSED: f"A compressed copy of {base_text}: {_describe(compression)}. An ordinary "
                         "transformers checkpoint; loading it needs bitsandbytes when it is quantized.",
             PROMPT: "A soft prompt (PEFT prompt-tuning adapter) that recovers quality lost by compressing "

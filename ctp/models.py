@@ -23,11 +23,10 @@ from torch import nn
 from .artifacts import is_quantized_dir
 from .errors import CTPError
 from .runtime import device_map_for, ready_for_device_, require_bnb, resolve_device
+from .zoo import resolve_named
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "embedded-llama"
-EMBEDDED_NAME = "embedded"
 
 
 @dataclass(frozen=True)
@@ -69,8 +68,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def resolve_model(name: str) -> str:
-    """Map a named model (``embedded``, ...) to its local folder; pass anything else through."""
-    return str(EMBEDDED_MODEL_DIR) if name == EMBEDDED_NAME else name
+    """Map a named model (``embedded``, ``smollm2-135m``: :data:`ctp.zoo.NAMED_MODELS`) to its
+    local folder, fetching it on first use; pass anything else through."""
+    return resolve_named(name) or name
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:

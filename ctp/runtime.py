@@ -22,7 +22,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
 }
 # The bitsandbytes releases whose internals ctp relies on (CPU repacking, serialization keys).
-BNB_TESTED = ">=0.47,<0.51"
+BNB_TESTED = ">=0.50.2,<0.51"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

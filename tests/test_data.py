@@ -49,3 +49,74 @@ def test_embedded_corpus_is_split_by_document_and_matches_reference_hash():
     test_docs = set(load_documents("embedded", "test"))
     valid_docs = set(load_documents("embedded", "validation"))
     assert test_docs and valid_docs and not (test_docs & valid_docs)
+
+
+class FakeHub:
+    """Stand-in for ``datasets.load_dataset``: small in-memory datasets named like the real
+    ones (documents numbered so every subset is visible), streaming or not; records calls."""
+
+    def __init__(self, sizes):
+        self.sizes, self.calls = sizes, []
+
+    def __call__(self, path, name=None, data_files=None, split=None, streaming=False):
+        import datasets
+
+        self.calls.append({"path": path, "name": name, "data_files": data_files, "split": split,
+                           "streaming": streaming})
+        field = "sentence" if path == "ptb_text_only" else "text"
+        rows = [{field: f"{path}-{split}-{i}"} for i in range(self.sizes[(path, split)])]
+        if streaming:
+            return iter(rows)  # an IterableDataset yields rows one at a time
+        return datasets.Dataset.from_list(rows)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import datasets
+
+    fake = FakeHub({("wikitext", "test"): 5, ("ptb_text_only", "test"): 4, ("allenai/c4", "validation"): 3500,
+                    ("allenai/c4", "train"): 7000})
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    return fake
+
+
+def test_test_sets_are_joined_as_the_published_code_joins_them(hub):
+    assert load_text("wikitext2", "test") == "\n\n".join(f"wikitext-test-{i}" for i in range(5))
+    assert load_text("ptb", "test") == " ".join(f"ptb_text_only-test-{i}" for i in range(4))
+    c4 = load_text("c4", "test")
+    assert c4 == " ".join(f"allenai/c4-validation-{i}" for i in range(1100))  # SparseGPT's 1,100
+    assert hub.calls[-1]["data_files"] == {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+
+
+def test_c4_validation_never_meets_test_and_train_is_sliced_while_streaming(hub):
+    validation = load_documents("c4", "validation")
+    assert validation[0] == "allenai/c4-validation-1100" and len(validation) == 2000
+    train = load_documents("c4", "train", max_documents=5000)
+    assert train == [f"allenai/c4-train-{i}" for i in range(5000)]
+    assert hub.calls[-1]["streaming"] and hub.calls[-1]["data_files"] == {
+        "train": "en/c4-train.00000-of-01024.json.gz"}
+
+
+def test_prompt_training_reads_the_papers_5000_c4_documents(hub):
+    from ctp.config import PromptConfig
+    from ctp.prompt.tune import training_text
+
+    train, val = training_text(PromptConfig(data="c4"))
+    assert train.count("allenai/c4-train-") == 5000 and "allenai/c4-train-5000" not in train
+    assert train.startswith("allenai/c4-train-0 allenai/c4-train-1 ")
+    assert val.split(" ")[0] == "allenai/c4-validation-1100"
+    assert any(c["streaming"] for c in hub.calls if c["split"] == "train")
+
+
+def test_c4_test_perplexity_uses_its_first_256_windows(hub, tokenizer, monkeypatch):
+    import ctp.evaluate.api as api
+
+    seen = {}
+
+    def fake(model, ids, seqlen, prompt, batch_size, max_windows, progress, desc):
+        seen.update(seqlen=seqlen, max_windows=max_windows, ids=ids)
+
+    monkeypatch.setattr(api, "perplexity_of_ids", fake)
+    model = type("M", (), {"config": type("C", (), {"max_position_embeddings": 2048})()})()
+    api.perplexity(model, tokenizer, "c4", "test")
+    assert seen["max_windows"] == 256 and seen["seqlen"] == 2048

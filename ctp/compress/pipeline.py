@@ -17,8 +17,9 @@ from ..artifacts import COMPRESSION_FILE, atomic_dir, check_output_dir, compress
 from ..config import CompressConfig, to_dict
 from ..data import calibration_ids, source_label
 from ..errors import CTPError
-from ..models import EMBEDDED_NAME, check_supported, decoder_layers, load_model, load_tokenizer, weights_fingerprint
+from ..models import check_supported, decoder_layers, load_model, load_tokenizer, weights_fingerprint
 from ..runtime import TORCH_DTYPES, compute_dtype_for, peak_memory, require_bnb, resolve_device
+from ..zoo import NAMED_MODELS
 from .layers import Plan, compress_layers_
 from .prune import check_prunable, decoder_linears, sparsity_summary
 from .quantize import bnb_config, dense_weight, is_skipped, modules_to_skip, quantized_linear, replace_module_
@@ -133,7 +134,7 @@ def compress(
         report = {
             "ctp_version": __version__,
             "base_model": name,
-            "base_model_local": name != EMBEDDED_NAME and Path(name).expanduser().exists(),
+            "base_model_local": name not in NAMED_MODELS and Path(name).expanduser().exists(),
             "base_revision": config.revision or getattr(model.config, "_commit_hash", None),
             "base_fingerprint": fingerprint,
             "compression": to_dict(config),

@@ -9,12 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..artifacts import load_prompt_embeddings
+from ..artifacts import load_prompt_embeddings, read_prompt_meta
 from ..config import EvalConfig
 from ..data import load_text, source_label, tokenize
 from ..errors import CTPError
 from ..lm import default_seqlen
 from ..models import load_any, load_tokenizer
+from ..prompt.stitch import check_compatible
 from ..runtime import resolve_device
 from .perplexity import PerplexityResult, perplexity_of_ids
 
@@ -92,6 +93,10 @@ def evaluate(
     elif tokenizer is None:
         raise CTPError("evaluate needs the tokenizer of a loaded model")
     embeddings = load_prompt_embeddings(prompt)
+    if embeddings is not None and not isinstance(prompt, torch.Tensor):  # a folder: stitch's checks
+        for warning in check_compatible(str(prompt), embeddings, read_prompt_meta(prompt), str(name),
+                                        model, tokenizer):
+            log.warning(warning)
     n = 0 if embeddings is None else embeddings.shape[0]
     seqlen = config.seqlen or default_seqlen(model, n)
     result: dict[str, Any] = {"model": str(name),

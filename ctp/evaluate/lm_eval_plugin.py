@@ -115,8 +115,10 @@ class CTPLM(HFLM):
             raise CTPError(f"unknown model_args {', '.join(unknown)}; --model ctp takes "
                            f"pretrained, prompt, {', '.join(COMPRESS_ARGS)} and HFLM's own")
         pretrained = str(pretrained)
-        if device is None and not torch.cuda.is_available():
-            log.info("no CUDA GPU: --model ctp runs on the CPU (give device= to choose)")
+        if (device is None or str(device).startswith("cuda")) and not torch.cuda.is_available():
+            # lm-eval asks for cuda:0 when no --device is given; its own hf model falls back too
+            log.warning("no CUDA GPU: --model ctp runs on the CPU")
+            device = "cpu"
         torch_device = resolve_device(str(device) if device else "auto")
         dtype = torch_dtype(dtype)
         tokenizer = load_tokenizer(pretrained, trust_remote_code)

@@ -71,8 +71,9 @@ def transfer(
     """
     if not prompts or not models:
         raise CTPError("give at least one prompt and one model")
-    tensors = {p: load_prompt_embeddings(p) for p in prompts}
-    metas = {p: read_prompt_meta(p) for p in prompts}
+    tensors = {p: load_prompt_embeddings(p) for p in prompts}  # every artifact read and checked
+    metas = {p: read_prompt_meta(p) for p in prompts}  # before any model is evaluated
+    labels = {m: model_label(m) for m in models}
     if dense is None:
         first = read_compression_meta(models[0]) if Path(models[0]).is_dir() else None
         if first is None:
@@ -94,8 +95,8 @@ def transfer(
         tokenizer = load_tokenizer(model_dir)
         model_ids = tokenize(tokenizer, text)
         bare = perplexity_of_ids(model, model_ids, seqlen, batch_size=batch_size, max_windows=max_windows,
-                                 progress=progress, desc=model_label(model_dir)).ppl
-        rows.append({"model": model_dir, "label": model_label(model_dir), "ppl": bare,
+                                 progress=progress, desc=labels[model_dir]).ppl
+        rows.append({"model": model_dir, "label": labels[model_dir], "ppl": bare,
                      "gap_vs_dense": bare / dense_ppl - 1})
         row = []
         for prompt_dir in prompts:
@@ -108,7 +109,7 @@ def transfer(
                 continue
             ppl = perplexity_of_ids(model, model_ids, seqlen, prompt=tensors[prompt_dir],
                                     batch_size=batch_size, max_windows=max_windows, progress=progress,
-                                    desc=f"{model_label(model_dir)} + {prompt_label(prompt_dir)}").ppl
+                                    desc=f"{labels[model_dir]} + {prompt_label(prompt_dir)}").ppl
             row.append({"ppl": ppl, "recovered": gap_recovered(dense_ppl, bare, ppl)})
         cells.append(row)
     return {

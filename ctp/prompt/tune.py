@@ -85,7 +85,7 @@ def _check_output(out: str | os.PathLike | None, resume: bool, overwrite: bool, 
     return work
 
 
-def _training_text(config: PromptConfig) -> tuple[str, str]:
+def training_text(config: PromptConfig) -> tuple[str, str]:
     """(train text, validation text) for the config's sources, each joined as its corpus is."""
     limit = config.max_train_documents or (PAPER_C4_DOCUMENTS if config.data == "c4" else None)
     train = load_text(config.data, "train", max_documents=limit)
@@ -114,7 +114,7 @@ def _prepare_data(config: PromptConfig, model: nn.Module, tokenizer: Any,
     if not given:
         if tokenizer is None:
             raise CTPError("tune_prompt needs a tokenizer, or train_ids and val_ids")
-        train_text, val_text = _training_text(config)
+        train_text, val_text = training_text(config)
         train_ids = tokenize(tokenizer, train_text) if train_ids is None else train_ids
         val_ids = tokenize(tokenizer, val_text) if val_ids is None else val_ids
     if train_ids.numel() < seqlen:
@@ -262,13 +262,13 @@ def tune_prompt(
     for p in model.parameters():
         p.requires_grad_(False)
     disable_cpu_packing_(model)
-    data = _prepare_data(config, model, tokenizer, train_ids, val_ids)
+    record = _model_record(None if model_dir is None else str(model_dir), model)  # before the data:
+    data = _prepare_data(config, model, tokenizer, train_ids, val_ids)  # a damaged file fails fast
     per_step = config.batch_size * config.grad_accum * procs.world
     steps = config.steps or (math.ceil(config.epochs * data.chunks.shape[0] / per_step) if config.epochs
                              else PAPER_STEPS)
     warmup = config.warmup_steps if config.warmup_steps is not None else min(500, steps // 10)
     embed = model.get_input_embeddings().weight
-    record = _model_record(None if model_dir is None else str(model_dir), model)
     settings = {"config": run_settings(config), "steps": steps, "world": procs.world,
                 "train_tokens": data.train_tokens, "val_tokens": data.val_tokens,
                 "hidden": embed.shape[1], "model": str(model_dir),

@@ -119,9 +119,10 @@ def test_cli_writes_results_equal_to_simple_evaluate(setup, tmp_path, monkeypatc
     proc = subprocess.run(
         [sys.executable, "-m", "ctp.evaluate.lm_eval_plugin", "--model", "ctp", "--model_args", args,
          "--tasks", "ctp_tiny_mc,ctp_tiny_gen,ctp_tiny_ppl", "--include_path", str(TASKS),
-         "--output_path", str(tmp_path / "out"), "--device", "cpu", "--batch_size", "4"],
+         "--output_path", str(tmp_path / "out"), "--batch_size", "4"],  # no --device: CPU fallback
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no CUDA GPU: --model ctp runs on the CPU" in proc.stderr
     (path,) = (tmp_path / "out").rglob("results_*.json")
     written = json.loads(path.read_text())
     assert written["config"]["ctp"]["num_virtual_tokens"] == 4
@@ -166,3 +167,25 @@ def test_bad_model_args_are_one_clear_ctp_error(setup, extra, message):
     with pytest.raises(CTPError) as err:
         CTPLM.create_from_arg_string(f"pretrained={setup['model']},{extra.format(**setup)}", {"device": "cpu"})
     assert message in str(err.value)
+
+
+def test_in_memory_compression_runs_on_the_device_asked_for(setup, monkeypatch):
+    """device=cuda:1 compresses on cuda:1 (not cuda:0). No GPU here: CUDA is faked up to the
+    moment compression starts, where the config it was handed is inspected."""
+    import ctp.evaluate.lm_eval_plugin as plugin
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def fake_compress(model, config, out=None, **kwargs):
+        seen["device"] = config.device
+        raise Started
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(plugin, "compress", fake_compress)
+    with pytest.raises(Started):
+        CTPLM(pretrained=setup["model"], prune="magnitude", quant="nf4", device="cuda:1")
+    assert seen["device"] == "cuda:1"

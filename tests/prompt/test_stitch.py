@@ -153,3 +153,35 @@ def test_checkpoint_survives_a_crash_between_renames(tmp_path):
     assert found == work / "checkpoint.old"
     tensors, state = load_checkpoint(found)
     assert state["step"] == 4 and torch.equal(tensors["prompt"], torch.ones(2, 3))
+
+
+def test_stitch_ppl_loads_the_target_once_and_scores_the_same_windows(family, capfd, monkeypatch):
+    """`ctp stitch --ppl`: one model load, and bare and prompted perplexity over the very same
+    windows (context less the prompt), each equal to a direct measurement at that length."""
+    import ctp.models
+    import ctp.prompt.stitch
+    from ctp.data import load_text, tokenize
+    from ctp.models import load_any, load_tokenizer
+
+    loads = []
+    real = ctp.models.load_any
+
+    def counting(*args, **kwargs):
+        loads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ctp.prompt.stitch, "load_any", counting)
+    monkeypatch.setattr("ctp.evaluate.api.load_any", counting)
+    capfd.readouterr()
+    assert main(["stitch", family["prompt"], family["b"], "--ppl", "embedded", "--max-windows", "3",
+                 "--json", "--no-progress"]) == 0
+    report = json.loads(capfd.readouterr().out)
+    assert loads == [family["b"]]
+    assert report["seqlen"] == {"embedded": 256 - 4}  # the tiny models' context less the prompt
+    ids = tokenize(load_tokenizer(family["b"]), load_text("embedded", "test"))
+    model = load_any(family["b"])
+    bare = perplexity_of_ids(model, ids, 252, max_windows=3).ppl
+    prompted = perplexity_of_ids(model, ids, 252, prompt=load_prompt_embeddings(family["prompt"]),
+                                 max_windows=3).ppl
+    assert report["ppl"]["without_prompt"]["embedded"] == pytest.approx(bare, rel=1e-9)
+    assert report["ppl"]["with_prompt"]["embedded"] == pytest.approx(prompted, rel=1e-9)
