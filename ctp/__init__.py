@@ -23,6 +23,7 @@ _API = {
     "load_prompt_embeddings": "ctp.artifacts",
     "stitch": "ctp.prompt.stitch",
     "transfer": "ctp.evaluate.transfer",
+    "generate": "ctp.generation",
     "load_recipe": "ctp.recipe",
     "run_recipe": "ctp.recipe",
     "PromptConfig": "ctp.config",

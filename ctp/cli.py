@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__
 from .config import SPLITS, CompressConfig, EvalConfig, PromptConfig, from_dict
 from .errors import CTPError
+from .generation import GenerateConfig
 
 log = logging.getLogger("ctp")
 
@@ -215,6 +216,46 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stdin_inputs() -> list[str]:
+    """Every non-blank line of stdin, one input each."""
+    if sys.stdin.isatty():
+        print("reading inputs from stdin, one per line (end with Ctrl-D)", file=sys.stderr)
+    inputs = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    if not inputs:
+        raise CTPError("empty input: give --text or lines on stdin")
+    return inputs
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import generation_report, load_generator
+
+    config = config_from_flags(GenerateConfig, args)
+    inputs = args.text if args.text is not None else _stdin_inputs()
+    generator = load_generator(args.model, args.prompt, config)
+    for w in generator.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    labelled, current, outputs = config.compare or len(inputs) > 1, None, []
+    for piece in generator.stream(inputs):
+        if labelled and (piece.index, piece.with_prompt) != current:
+            current = (piece.index, piece.with_prompt)
+            which = "with prompt" if piece.with_prompt else "without prompt"
+            print(f"--- input {piece.index + 1}, {which}: {inputs[piece.index][:60]!r}",
+                  file=sys.stderr, flush=True)
+        if not args.json:  # tokens reach the reader as they are decoded
+            sys.stdout.write(piece.text + ("\n" if piece.done else ""))
+            sys.stdout.flush()
+        if piece.done:
+            outputs.append(piece.done)
+    tokens = sum(len(g.token_ids) for g in outputs)
+    seconds = sum(g.seconds for g in outputs)
+    cache = (f"; prompt of {generator.num_virtual_tokens} virtual tokens cached once "
+             f"({_human_bytes(generator.prompt_cache.nbytes)})" if generator.prompt_cache else "")
+    print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s){cache}",
+          file=sys.stderr)
+    _emit(generation_report(generator, outputs), args.json)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .evaluate.transfer import transfer_table
     from .recipe import load_recipe, run_recipe
@@ -356,6 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     common(p)
     p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser(
+        "generate", help="generate text with a (compressed) model, behind its prompt or not",
+        description="Continue text with a compressed or dense model, a stitched pair folder (its "
+                    "prompt/ is used) or a model plus --prompt, streaming tokens to stdout as they "
+                    "are decoded. Inputs: each --text, else each non-blank line of stdin. The "
+                    "prompt's keys and values are computed once and serve every input. --compare "
+                    "also prints what the model says without the prompt (same seed).",
+    )
+    p.add_argument("model", help="model folder (compressed, dense or stitched pair), hub id, or 'embedded'")
+    p.add_argument("--prompt", help="prompt folder (PEFT prompt-tuning adapter) to put before every input")
+    p.add_argument("--text", action="append", metavar="TEXT",
+                   help="an input to continue (repeatable; default: one input per line of stdin)")
+    add_config_flags(p, GenerateConfig)
+    common(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
         "run", help="run a whole pipeline from a YAML recipe (resumable)",

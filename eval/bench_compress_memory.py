@@ -1,15 +1,17 @@
-"""Time and memory of `ctp compress` (Wanda 50% + nf4) on a random Llama-shaped model.
+"""Time and host memory of `ctp compress` on a random Llama-shaped model, on the CPU.
 
-    python eval/bench_compress_memory.py              # ~134M parameters, a few minutes on 2 cores
+    python eval/bench_compress_memory.py                       # Wanda 50% + NF4, ~220M parameters
+    python eval/bench_compress_memory.py --prune sparsegpt --rounding obs
 
-Builds a random Llama (hidden 768, 12 layers, intermediate 2048, vocab 32000: 134M parameters)
+Builds a random Llama (hidden 1024, 12 layers, intermediate 2816, vocab 32000: 220M parameters)
 saved in fp16 like a real checkpoint, then measures, each in a fresh process in this environment:
 
-1. the baseline: importing transformers and loading that model in fp32 (peak RSS);
+1. the baseline: importing transformers, loading that model in fp32 and reading every weight
+   (a lazily mapped load that never touches its pages would be no baseline);
 2. `ctp compress MODEL --prune wanda --sparsity 0.5 --quant nf4` on the CPU (wall time, peak RSS).
 
-Reports peak RSS of (2) relative to (1) -- the goal is at most 1.3x -- and relative to the model's
-fp32 size in bytes. Writes eval/results/bench_compress_memory.json.
+Reports peak RSS of (2) relative to (1) -- the goal is at most 1.25x -- and relative to the
+model's fp32 size in bytes. Writes eval/results/bench_compress_memory[-LABEL].json.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ BASELINE = """
 import resource, sys, torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+total = sum(float(p.double().sum()) for p in model.parameters())  # every weight read
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
@@ -50,14 +53,20 @@ def make_model(folder: Path, hidden: int, layers: int, intermediate: int, vocab:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--intermediate", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--out", default=str(REPO / "eval" / "results" / "bench_compress_memory.json"))
+    p.add_argument("--prune", default="wanda")
+    p.add_argument("--quant", default="nf4")
+    p.add_argument("--rounding", default="rtn")
+    p.add_argument("--out", help="result file (default: eval/results/bench_compress_memory[-LABEL].json)")
     args = p.parse_args()
+    label = "" if (args.prune, args.quant, args.rounding) == ("wanda", "nf4", "rtn") else \
+        f"-{args.prune}-{args.quant}-{args.rounding}"
+    out = Path(args.out or REPO / "eval" / "results" / f"bench_compress_memory{label}.json")
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +81,7 @@ def main() -> None:
         started = time.time()
         proc = subprocess.run(
             [sys.executable, "-m", "ctp.cli", "compress", str(model_dir), "--out", str(Path(tmp) / "out"),
-             "--prune", "wanda", "--sparsity", "0.5", "--quant", "nf4", "--calib", "embedded",
+             "--prune", args.prune, "--quant", args.quant, "--rounding", args.rounding, "--calib", "embedded",
              "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu",
              "--json", "--no-progress"],
             capture_output=True, text=True, env=env,
@@ -84,6 +93,7 @@ def main() -> None:
         compress_rss = report["peak_memory"]["cpu_peak_rss_bytes"]
 
     result = {
+        "compression": report["label"],
         "parameters": params,
         "fp32_bytes": fp32_bytes,
         "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen},
@@ -101,7 +111,7 @@ def main() -> None:
         "machine_peak_rss_this_driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     print(json.dumps(result, indent=2))
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

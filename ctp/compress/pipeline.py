@@ -41,8 +41,12 @@ def is_complete(folder: str | Path, config: CompressConfig) -> bool:
     return compression_matches(folder, to_dict(config))
 
 
-def _folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
-    return sum(p.stat().st_size for p in folder.glob(pattern))
+def _sizes(folder: Path, params: int, stored_dtype: torch.dtype) -> dict[str, Any]:
+    """Parameters, bytes of the dense model, bytes on disk, and bits per weight (every stored
+    byte, scales included, over all parameters)."""
+    disk = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return {"parameters": params, "dense_bytes": params * torch.finfo(stored_dtype).bits // 8,
+            "disk_bytes": disk, "bits_per_weight": disk * 8 / params}
 
 
 def _calibration(plan: Plan, model: nn.Module, tokenizer: Any,
@@ -130,7 +134,6 @@ def compress(
             tokenizer.save_pretrained(staging)
         else:
             log.warning("no tokenizer given: the checkpoint is saved without one")
-        disk_bytes = _folder_bytes(staging)
         report = {
             "ctp_version": __version__,
             "base_model": name,
@@ -143,10 +146,7 @@ def compress(
             "unquantized_modules": skipped,
             "sparsity_after_pruning": pruned,
             "sparsity": stored_sparsity(model),  # of the stored weights: rounding may add zeros
-            "parameters": dense_params,
-            "dense_bytes": dense_params * torch.finfo(stored_dtype).bits // 8,
-            "disk_bytes": disk_bytes,
-            "bits_per_weight": disk_bytes * 8 / dense_params,
+            **_sizes(staging, dense_params, stored_dtype),
             "prune_seconds": round(layers_seconds, 3),  # the layer-by-layer work, quantization included
             "seconds": round(time.time() - started, 3),
             "peak_memory": peak_memory(device),

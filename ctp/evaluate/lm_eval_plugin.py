@@ -6,9 +6,10 @@ soft prompt, or compresses a base model in memory first.
 
 ``CTPLM`` is lm-eval's own ``HFLM`` handed a model ctp built (lm-eval's loader would pass
 ``load_in_4bit``, which transformers 5 ignores, and would miss ctp's CPU fixes for 4-bit layers).
-Scoring is HFLM's: it already drops the logits of a prompt's virtual positions, so they are never
-scored and the same continuation tokens are scored with and without a prompt. Generation with a
-prompt is ctp's own (see ``_model_generate``).
+A prompt's keys and values are computed once (:class:`ctp.lm.PromptCache`) and every forward
+pass, scoring or generating, reads the requests' tokens after them: a request costs what it costs
+without a prompt, plus attention to the prompt's keys. ``_model_call`` returns logits of the real
+tokens only, so HFLM scores exactly the continuation tokens it scores without a prompt.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import importlib
 import inspect
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..artifacts import is_quantized_dir, load_prompt_embeddings, read_compressi
 from ..compress.pipeline import compress
 from ..config import CompressConfig, from_dict
 from ..errors import CTPError
+from ..lm import PromptCache, build_prompt_cache, decode, prompted_logits, stop_token_ids, token_picker
 from ..models import load_any, load_tokenizer, resolve_model
 from ..prompt.stitch import check_compatible
 from ..runtime import ready_for_device_, resolve_device, torch_dtype
@@ -64,15 +66,13 @@ def _compress_in_memory(pretrained: str, args: dict[str, Any], device: torch.dev
 
 
 def _attach_prompt(prompt_dir: str, model: nn.Module, model_name: str, tokenizer: Any,
-                   report: dict[str, Any] | None) -> tuple[nn.Module, torch.Tensor, list[str]]:
-    """Wrap ``model`` in the prompt's PEFT adapter after ctp's stitch checks.
+                   report: dict[str, Any] | None) -> tuple[torch.Tensor, list[str]]:
+    """The prompt ``[n, hidden]`` in ``prompt_dir``, after ctp's stitch checks against ``model``.
 
     ``report`` is the in-memory compression report: its base fingerprint stands in for the
     ``ctp_compression.json`` that ``check_compatible`` reads from a folder (the fingerprint of
     freshly pruned weights is not the base's, which would be a false warning).
     """
-    from peft import PeftModel
-
     embeddings = load_prompt_embeddings(prompt_dir)
     meta = read_prompt_meta(prompt_dir)
     checked = meta if report is None else {k: v for k, v in meta.items() if k != "base_fingerprint"}
@@ -83,7 +83,7 @@ def _attach_prompt(prompt_dir: str, model: nn.Module, model_name: str, tokenizer
                         f"(fingerprint {want}); {model_name} is another ({report['base_fingerprint']})")
     for w in warnings:
         log.warning(w)
-    return PeftModel.from_pretrained(model, prompt_dir).eval(), embeddings, warnings
+    return embeddings, warnings
 
 
 def _register_as_ctp(cls: type) -> type:
@@ -135,10 +135,10 @@ class CTPLM(HFLM):
             label = meta["label"] if meta is not None else None
         self._base = model
         self._prompt: torch.Tensor | None = None
+        self._prompt_cache: PromptCache | None = None
         warnings: list[str] = []
         if prompt is not None:
-            model, self._prompt, warnings = _attach_prompt(str(prompt), model, pretrained,
-                                                           tokenizer, report)
+            self._prompt, warnings = _attach_prompt(str(prompt), model, pretrained, tokenizer, report)
         self.num_virtual_tokens = 0 if self._prompt is None else self._prompt.shape[0]
         self.ctp_info = {"pretrained": pretrained, "prompt": prompt, "compression": label,
                          "compressed_in_memory": report is not None,
@@ -159,42 +159,70 @@ class CTPLM(HFLM):
         return resolve_max_length(self.config, self.tokenizer,
                                   default=self._DEFAULT_MAX_LENGTH) - self.num_virtual_tokens
 
+    def _autocast(self) -> torch.autocast:
+        """HFLM's mixed precision, when it has one (``mixed_precision_dtype``)."""
+        return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                              enabled=self.mixed_precision_dtype is not None)
+
+    @property
+    def prompt_cache(self) -> PromptCache | None:
+        """The prompt's keys and values, built on first use (after HFLM has placed the model)."""
+        if self._prompt is not None and self._prompt_cache is None:
+            with self._autocast():
+                self._prompt_cache = build_prompt_cache(self._base, self._prompt)
+        return self._prompt_cache
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[batch, T, vocab]`` of ``inps`` ``[batch, T]`` (right-padded by HFLM) read
+        after the prompt's cache: no virtual positions, so HFLM's slicing needs no offset."""
+        if self.prompt_cache is None:
+            return super()._model_call(inps, attn_mask, labels)
+        with torch.no_grad(), self._autocast():
+            return prompted_logits(self._base, inps, self.prompt_cache)[0]
+
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
                         **generation_kwargs: Any) -> torch.Tensor:
-        """Generate with the prompt placed right after each row's left padding.
+        """``context`` ``[batch, T]`` (left-padded) followed by up to ``max_length - T`` new
+        tokens, decoded after the prompt's cache; a padded row computes what it would alone.
 
-        PEFT's own ``generate`` is not used: with transformers 5 it misses the KV cache (which
-        transformers now passes as ``cache``, not ``past_key_values``) and re-inserts the prompt
-        at every decoding step, so even one request at a time goes wrong after two tokens. Here
-        the base model generates from ``inputs_embeds`` = [padding, prompt, tokens] with the
-        padding masked, so a padded row computes exactly what it would alone.
+        PEFT's own ``generate`` is not used: with transformers 5 it misses the KV cache and
+        re-inserts the prompt at every decoding step. Greedy, or sampling with ``temperature``,
+        ``top_p`` and ``top_k`` (torch's global generator, which lm-eval's ``--seed`` seeds).
         """
-        if self._prompt is None:
+        if self.prompt_cache is None:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         mask = generation_kwargs.pop("attention_mask", None)
-        mask = torch.ones_like(context) if mask is None else mask.to(context.device)
-        if generation_kwargs.get("temperature", 0.0) == 0.0 and not generation_kwargs.get("do_sample"):
-            generation_kwargs.pop("temperature", None)  # greedy, as HFLM does
-            generation_kwargs["do_sample"] = False
-        tokens = self._base.get_input_embeddings()(context)
-        prompt = self._prompt.to(device=tokens.device, dtype=tokens.dtype)
-        rows, masks = [], []
-        for row, row_mask in zip(tokens, mask):
-            pad = int((row_mask == 0).sum())
-            if row_mask[:pad].any():  # HFLM pads generation batches on the left
-                raise RuntimeError("expected a left-padded generation batch")
-            rows.append(torch.cat([row[:pad], prompt, row[pad:]]))
-            masks.append(torch.cat([row_mask[:pad], row_mask.new_ones(len(prompt)), row_mask[pad:]]))
-        # generate() from embeddings returns only new tokens, and stop criteria see only those
-        stopping = stop_sequences_criteria(self.tokenizer, stop, 0, context.shape[0])
-        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                            enabled=self.mixed_precision_dtype is not None):
-            new = self._base.generate(
-                inputs_embeds=torch.stack(rows), attention_mask=torch.stack(masks),
-                max_new_tokens=max_length - context.shape[1], stopping_criteria=stopping,
-                pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs,
-            )
-        return torch.cat([context, new.to(context.device)], dim=1)  # HFLM slices the context off
+        mask = None if mask is None else mask.to(context.device)
+        pick = self._picker(generation_kwargs)
+        stopping = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
+        eos = stop_token_ids(self._base, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        out = context
+        with self._autocast():
+            for chosen in decode(self._base, context, self.prompt_cache, mask,
+                                 max_new_tokens=max_length - context.shape[1], pick=pick, eos_ids=eos,
+                                 pad_id=pad if pad is not None else (eos[0] if eos else 0)):
+                out = torch.cat([out, chosen.unsqueeze(1)], dim=1)
+                if bool(stopping(out, None).all()):
+                    break
+        return out  # HFLM slices the context off
+
+    @staticmethod
+    def _picker(generation_kwargs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The token picker for lm-eval's generation kwargs; others are refused, not ignored."""
+        kwargs = dict(generation_kwargs)
+        do_sample = bool(kwargs.pop("do_sample", False))
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        top_p = float(kwargs.pop("top_p", None) or 1.0)
+        top_k = int(kwargs.pop("top_k", None) or 0)
+        unknown = sorted(k for k, v in kwargs.items() if v is not None)
+        if unknown:
+            raise CTPError(f"--model ctp with a prompt does not support the generation "
+                           f"arguments {', '.join(unknown)}")
+        if not do_sample:
+            return token_picker()
+        return token_picker(temperature or 1.0, top_p, top_k)
 
     def get_model_info(self) -> dict[str, Any]:
         """What lm-eval records in the results' ``config``: ctp's provenance (no Hub lookups)."""

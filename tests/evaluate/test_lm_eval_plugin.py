@@ -109,6 +109,61 @@ def test_batching_changes_nothing_and_generation_is_right(setup):
     assert gen4 == [naive_greedy(model, prompt, tok, c, 6, gen["until"]) for c in contexts]
 
 
+@pytest.fixture(scope="module")
+def family_prompt(tmp_path_factory, tokenizer):
+    """A prompt folder of 6 random virtual tokens for the hidden size (64) of every tiny family."""
+    from ctp.artifacts import write_prompt_folder
+    from ctp.models import tokenizer_fingerprint
+
+    folder = tmp_path_factory.mktemp("family-prompt") / "prompt"
+    prompt = torch.randn(6, 64, generator=torch.Generator().manual_seed(5)) * 0.5
+    meta = {"num_virtual_tokens": 6, "hidden_size": 64, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "base_fingerprint": None, "prompt_config": {}, "best_val_ppl": 1.0}
+    folder.mkdir()
+    write_prompt_folder(folder, prompt, "tiny", 2, 4, meta)
+    return str(folder)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "opt", "gpt_neox", "phi"])
+def test_every_family_scores_and_generates_like_the_prepended_prompt(arch, tiny_dir, family_prompt, monkeypatch):
+    import ctp.evaluate.lm_eval_plugin as plugin
+
+    built = []
+    real = plugin.build_prompt_cache
+    monkeypatch.setattr(plugin, "build_prompt_cache", lambda *a: built.append(1) or real(*a))
+    model_dir = str(tiny_dir(arch))
+    lm = CTPLM(pretrained=model_dir, prompt=family_prompt, device="cpu", batch_size=4)
+    model, tok = load_any(model_dir), load_tokenizer(model_dir)
+    prompt = load_prompt_embeddings(family_prompt)
+    naive = [naive_logprob(model, prompt, tok.encode(c + x), len(tok.encode(c))) for c, x in PAIRS]
+    gen = {"until": ["\n\n"], "max_gen_toks": 5, "do_sample": False}
+    contexts = [c for c, _ in PAIRS]
+    for batch_size in (4, 1):
+        lm.batch_size_per_gpu = batch_size
+        ours = lm.loglikelihood(requests("loglikelihood", PAIRS))
+        assert max(abs(a[0] - b) for a, b in zip(ours, naive)) < 1e-4
+        got = lm.generate_until(requests("generate_until", [(c, dict(gen)) for c in contexts]))
+        assert got == [naive_greedy(model, prompt, tok, c, 5, gen["until"]) for c in contexts]
+    rolling = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in TEXTS]))
+    naive = [naive_logprob(model, prompt, [lm.prefix_token_id, *tok.encode(t)], 1) for t in TEXTS]
+    assert max(abs(a - b) for a, b in zip(rolling, naive)) < 1e-4
+    assert len(built) == 1  # one cache for every request, batch and kind
+    ids = torch.tensor([tok.encode(TEXTS[0])])
+    assert lm._model_call(ids).shape[:2] == ids.shape  # logits of the real tokens only
+
+
+def test_sampling_and_unsupported_generation_arguments(setup):
+    lm = setup["ctp"]
+    sample = {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": True, "temperature": 1.0, "top_p": 0.9}
+    reqs = requests("generate_until", [(c, dict(sample)) for c, _ in PAIRS])
+    torch.manual_seed(0)
+    first = lm.generate_until(reqs)
+    torch.manual_seed(0)
+    assert lm.generate_until(requests("generate_until", [(c, dict(sample)) for c, _ in PAIRS])) == first
+    with pytest.raises(CTPError, match="num_beams"):
+        lm.generate_until(requests("generate_until", [(PAIRS[0][0], {"until": ["."], "max_gen_toks": 4, "num_beams": 2})]))
+
+
 def test_cli_writes_results_equal_to_simple_evaluate(setup, tmp_path, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
