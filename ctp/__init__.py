@@ -11,18 +11,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "compress": "ctp.compress.pipeline",
-    "CompressResult": "ctp.compress.pipeline",
-    "prune_": "ctp.compress.layers",
-    "perplexity": "ctp.evaluate.api",
-    "evaluate": "ctp.evaluate.api",
+    "compress": "ctp.compression.pipeline",
+    "CompressResult": "ctp.compression.pipeline",
+    "prune_": "ctp.compression.layers",
+    "perplexity": "ctp.evaluation.api",
+    "evaluate": "ctp.evaluation.api",
     "load_compressed": "ctp.models",
     "load_any": "ctp.models",
     "tune_prompt": "ctp.prompt.tune",
     "TuneResult": "ctp.prompt.tune",
     "load_prompt_embeddings": "ctp.artifacts",
     "stitch": "ctp.prompt.stitch",
-    "transfer": "ctp.evaluate.transfer",
+    "transfer": "ctp.evaluation.transfer",
     "generate": "ctp.generation",
     "load_recipe": "ctp.recipe",
     "run_recipe": "ctp.recipe",
@@ -36,12 +36,14 @@ __all__ = sorted(_API)
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
     raise AttributeError(f"module 'ctp' has no attribute {name!r}")
 
 
 def _register_with_lm_eval() -> None:
-    from .evaluate.lm_eval_registry import register
+    from .evaluation.lm_eval_registry import register
 
     register()
 

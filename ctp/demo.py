@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import read_compression_meta
-from .compress.pipeline import compress, is_complete
+from .compression.pipeline import compress, is_complete
 from .config import CompressConfig, EvalConfig
-from .evaluate.api import evaluate
+from .evaluation.api import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ QUICK_SETS = [  # a smoke run of the demo recipe, for tests
 def run_demo(workdir: str | Path = "ctp-demo", quick: bool = False, progress: bool = True) -> dict[str, Any]:
     """``ctp run demo`` in ``workdir``: compress the embedded model four ways, tune a prompt on
     Wanda-50% + NF4, evaluate it on every compressed copy. ``quick`` runs a smoke version."""
-    from .evaluate.transfer import transfer_table
+    from .evaluation.transfer import transfer_table
     from .recipe import load_recipe, run_recipe
 
     recipe = load_recipe("demo", QUICK_SETS if quick else [])

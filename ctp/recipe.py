@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from .artifacts import read_compression_meta, read_prompt_meta
-from .compress.pipeline import compress, is_complete
+from .compression.pipeline import compress, is_complete
 from .config import CompressConfig, EvalConfig, PromptConfig, from_dict, to_dict
 from .errors import CTPError
 from .prompt.state import resumable
@@ -154,7 +154,7 @@ def _done_prompt(folder: Path, config: PromptConfig, target: str) -> bool:
 def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Run (or finish) a recipe: compress every target, tune every prompt, evaluate every prompt
     on every model. Returns the transfer result, also written to ``workdir/results``."""
-    from .evaluate.transfer import load_transfer, transfer, write_transfer
+    from .evaluation.transfer import load_transfer, transfer, write_transfer
 
     models: dict[str, str] = {}
     for name, config in recipe.compress.items():

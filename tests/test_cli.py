@@ -106,7 +106,7 @@ def test_compress_then_eval_end_to_end_in_a_subprocess(tmp_path, tiny_dir):
                    "--nsamples", "4", "--seqlen", "64", "--pattern", "2:4", "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["label"] == "wanda-2:4+nf4" and report["calibration"]["nsamples"] == 4
+    assert report["label"] == "sparsegpt-2:4+nf4-obs"  # the defaults and report["calibration"]["nsamples"] == 4
     assert "sparsity     overall" in proc.stderr and "Traceback" not in proc.stderr
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
@@ -129,3 +129,10 @@ def test_import_ctp_registers_lm_eval_model_lazily():
             "assert 'torch' not in sys.modules; "
             "assert get_model('ctp').__name__ == 'CTPLM'; get_model('hf')")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_named_models_in_the_help_are_the_named_models():
+    from ctp.cli import NAMED_HELP
+    from ctp.zoo import NAMED_MODELS
+
+    assert {word for word in NAMED_HELP.replace(",", " ").split() if word in NAMED_MODELS} == set(NAMED_MODELS)

@@ -38,3 +38,18 @@ def test_pattern_parsing_and_eval_list():
     assert parse_pattern("unstructured") is None and parse_pattern("1:3") == (1, 3)
     assert EvalConfig(ppl="wikitext2,embedded").ppl == ["wikitext2", "embedded"]
     assert CompressConfig(prune="none").sparsity == 0.0
+
+
+def test_the_public_api_names_stay_what_they_are():
+    """A function of the API never shares its name with a subpackage: importing the subpackage
+    would replace the function on the package (ctp.compress(...) called twice used to fail)."""
+    import subprocess
+    import sys
+
+    code = ("import ctp, inspect\n"
+            "import ctp.compression.pipeline, ctp.evaluation.api, ctp.generation, ctp.prompt.tune\n"
+            "for name in ctp.__all__:\n"
+            "    first, second = getattr(ctp, name), getattr(ctp, name)\n"
+            "    assert first is second and not inspect.ismodule(first), name\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

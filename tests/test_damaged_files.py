@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import calib_ids
 from ctp.cli import main
-from ctp.compress.pipeline import compress
+from ctp.compression.pipeline import compress
 from ctp.config import CompressConfig, PromptConfig
 from ctp.prompt.tune import tune_prompt
 

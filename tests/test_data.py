@@ -109,7 +109,7 @@ def test_prompt_training_reads_the_papers_5000_c4_documents(hub):
 
 
 def test_c4_test_perplexity_uses_its_first_256_windows(hub, tokenizer, monkeypatch):
-    import ctp.evaluate.api as api
+    import ctp.evaluation.api as api
 
     seen = {}
 

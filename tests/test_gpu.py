@@ -23,7 +23,7 @@ def ids_of(n, seed=0, vocab=50):
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory, tiny_dir):
     """The same tiny base compressed on the GPU and on the CPU (Wanda 50% + NF4)."""
-    from ctp.compress.pipeline import compress
+    from ctp.compression.pipeline import compress
 
     root = tmp_path_factory.mktemp("gpu")
     base = str(tiny_dir("llama"))
@@ -39,8 +39,8 @@ def compressed(tmp_path_factory, tiny_dir):
 def test_compress_on_cuda_matches_the_cpu_masks_and_reloads(compressed):
     from transformers import AutoModelForCausalLM
 
-    from ctp.compress.prune import decoder_linears
-    from ctp.compress.quantize import dense_weight
+    from ctp.compression.prune import decoder_linears
+    from ctp.compression.quantize import dense_weight
 
     gpu, cpu = compressed["cuda"], compressed["cpu"]
     assert gpu.report["device"].startswith("cuda") and gpu.report["peak_memory"]["gpu_peak_allocated_bytes"] > 0
@@ -57,7 +57,7 @@ def test_compress_on_cuda_matches_the_cpu_masks_and_reloads(compressed):
 
 @pytest.mark.parametrize("prune,quant", [("magnitude", "int8"), ("magnitude", "nf4"), ("sparsegpt", "nf4")])
 def test_compress_on_cuda_other_methods(tmp_path, tiny_dir, prune, quant):
-    from ctp.compress.pipeline import compress
+    from ctp.compression.pipeline import compress
 
     config = CompressConfig(prune=prune, quant=quant, device="cuda", rounding="obs" if prune == "sparsegpt" else "rtn")
     result = compress(str(tiny_dir("llama")), config, tmp_path / "out", calibration=calib_ids(4, 64),
@@ -105,7 +105,7 @@ def test_tune_prompt_bf16_with_checkpointing_learns_and_matches_an_fp32_gradient
 
 def test_eval_on_cuda_equals_the_cpu_with_and_without_a_prompt(compressed, tmp_path):
     from ctp.config import EvalConfig
-    from ctp.evaluate.api import evaluate
+    from ctp.evaluation.api import evaluate
 
     prompt = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.05
     folder = str(compressed["cuda"].out)
@@ -130,7 +130,7 @@ def test_stitch_on_cuda(compressed, tmp_path):
 def test_lm_eval_plugin_on_cuda_equals_the_cpu(compressed):
     from lm_eval.api.instance import Instance
 
-    from ctp.evaluate.lm_eval_plugin import CTPLM
+    from ctp.evaluation.lm_eval_plugin import CTPLM
 
     requests = [Instance("loglikelihood", {}, ("The model", " is small"), 0),
                 Instance("loglikelihood", {}, ("Compress", ", then prompt"), 1)]

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import calib_ids, run_cli, tiny_model
-from ctp.compress.pipeline import compress
+from ctp.compression.pipeline import compress
 from ctp.config import CompressConfig, PromptConfig
 from ctp.errors import CTPError
 from ctp.hub import build_card, push

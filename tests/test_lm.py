@@ -139,7 +139,7 @@ def test_the_cache_holds_n_layers_2_kv_heads_head_dim_values_lent_without_copies
 
 def test_evaluation_builds_the_cache_once_per_call(monkeypatch):
     import ctp.lm as lm
-    from ctp.evaluate.perplexity import perplexity_of_ids
+    from ctp.evaluation.perplexity import perplexity_of_ids
 
     built = []
     real = lm.build_prompt_cache
@@ -150,7 +150,7 @@ def test_evaluation_builds_the_cache_once_per_call(monkeypatch):
 
 
 def test_a_four_bit_compressed_model_scores_and_decodes_like_the_prepended_prompt(tmp_path, tiny_dir):
-    from ctp.compress.pipeline import compress
+    from ctp.compression.pipeline import compress
     from ctp.config import CompressConfig
     from ctp.models import load_any
 

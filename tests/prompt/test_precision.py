@@ -99,7 +99,7 @@ def test_prompt_stays_float32_under_bf16_autocast_of_a_16bit_model():
 def test_best_val_ppl_is_what_ctp_eval_measures_even_under_autocast(tmp_path, tiny_dir):
     """Training under bf16 autocast; validation is evaluation: the kept prompt's recorded
     validation perplexity equals ctp's perplexity of that prompt on the same windows."""
-    from ctp.evaluate.perplexity import perplexity_of_ids
+    from ctp.evaluation.perplexity import perplexity_of_ids
     from ctp.lm import spread_windows
     from ctp.models import load_any
 

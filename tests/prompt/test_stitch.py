@@ -8,10 +8,10 @@ import torch
 
 from conftest import calib_ids, tiny_model
 from ctp.cli import main
-from ctp.compress.pipeline import compress
+from ctp.compression.pipeline import compress
 from ctp.config import CompressConfig, PromptConfig
-from ctp.evaluate.perplexity import perplexity_of_ids
-from ctp.evaluate.transfer import gap_recovered, transfer
+from ctp.evaluation.perplexity import perplexity_of_ids
+from ctp.evaluation.transfer import gap_recovered, transfer
 from ctp.artifacts import load_prompt_embeddings
 from ctp.prompt.stitch import stitch
 from ctp.prompt.tune import tune_prompt
@@ -61,7 +61,7 @@ def test_transfer_matrix_cells_match_direct_measurements(family):
     result = transfer([family["prompt"]], [family["a"], family["b"]], data="embedded", seqlen=32,
                       max_windows=6, progress=False)
     assert result["dense"]["model"] == str(family["base"])
-    assert [m["label"] for m in result["models"]] == ["wanda-50%+nf4", "magnitude-2:4"]
+    assert [m["label"] for m in result["models"]] == ["wanda-50%+nf4-obs", "magnitude-2:4"]
     # every number measured again here, directly, and the recovered share by hand
     from ctp.data import load_text, tokenize
     from ctp.models import load_any, load_tokenizer
@@ -171,7 +171,7 @@ def test_stitch_ppl_loads_the_target_once_and_scores_the_same_windows(family, ca
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ctp.prompt.stitch, "load_any", counting)
-    monkeypatch.setattr("ctp.evaluate.api.load_any", counting)
+    monkeypatch.setattr("ctp.evaluation.api.load_any", counting)
     capfd.readouterr()
     assert main(["stitch", family["prompt"], family["b"], "--ppl", "embedded", "--max-windows", "3",
                  "--json", "--no-progress"]) == 0

@@ -214,7 +214,7 @@ def test_resume_with_different_settings_is_refused(tmp_path, tiny_dir, texts, ca
 def test_eval_with_prompt_folder_matches_the_api(tmp_path, tiny_dir, texts, capfd):
     from ctp.cli import main
     from ctp.data import load_text, tokenize
-    from ctp.evaluate.perplexity import perplexity_of_ids
+    from ctp.evaluation.perplexity import perplexity_of_ids
     from ctp.models import load_any, load_tokenizer
 
     model_dir = tiny_dir("llama")

@@ -9,12 +9,12 @@ from torch import nn
 
 from conftest import ARCH_NAMES, calib_ids, tiny_model
 from ctp.cli import main
-from ctp.compress import layers as layers_mod
-from ctp.compress.layers import Plan, collect, prune_
-from ctp.compress.obs import NotPositiveDefinite
-from ctp.compress.pipeline import compress
-from ctp.compress.prune import decoder_linears
-from ctp.compress.quantize import dense_weight
+from ctp.compression import layers as layers_mod
+from ctp.compression.layers import Plan, collect, prune_
+from ctp.compression.obs import NotPositiveDefinite
+from ctp.compression.pipeline import compress
+from ctp.compression.prune import decoder_linears
+from ctp.compression.quantize import dense_weight
 from ctp.config import CompressConfig
 from ctp.errors import CTPError
 from ctp.models import decoder_layers

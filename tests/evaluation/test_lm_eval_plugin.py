@@ -11,10 +11,10 @@ import torch
 from conftest import REPO
 from lm_eval.api.instance import Instance
 
-from ctp.compress.pipeline import compress
+from ctp.compression.pipeline import compress
 from ctp.config import CompressConfig, PromptConfig
 from ctp.errors import CTPError
-from ctp.evaluate.lm_eval_plugin import CTPLM, register
+from ctp.evaluation.lm_eval_plugin import CTPLM, register
 from ctp.models import load_any, load_tokenizer
 from ctp.artifacts import load_prompt_embeddings
 from ctp.prompt.tune import tune_prompt
@@ -126,7 +126,7 @@ def family_prompt(tmp_path_factory, tokenizer):
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "opt", "gpt_neox", "phi"])
 def test_every_family_scores_and_generates_like_the_prepended_prompt(arch, tiny_dir, family_prompt, monkeypatch):
-    import ctp.evaluate.lm_eval_plugin as plugin
+    import ctp.evaluation.lm_eval_plugin as plugin
 
     built = []
     real = plugin.build_prompt_cache
@@ -172,7 +172,7 @@ def test_cli_writes_results_equal_to_simple_evaluate(setup, tmp_path, monkeypatc
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
     proc = subprocess.run(
-        [sys.executable, "-m", "ctp.evaluate.lm_eval_plugin", "--model", "ctp", "--model_args", args,
+        [sys.executable, "-m", "ctp.evaluation.lm_eval_plugin", "--model", "ctp", "--model_args", args,
          "--tasks", "ctp_tiny_mc,ctp_tiny_gen,ctp_tiny_ppl", "--include_path", str(TASKS),
          "--output_path", str(tmp_path / "out"), "--batch_size", "4"],  # no --device: CPU fallback
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -227,7 +227,7 @@ def test_bad_model_args_are_one_clear_ctp_error(setup, extra, message):
 def test_in_memory_compression_runs_on_the_device_asked_for(setup, monkeypatch):
     """device=cuda:1 compresses on cuda:1 (not cuda:0). No GPU here: CUDA is faked up to the
     moment compression starts, where the config it was handed is inspected."""
-    import ctp.evaluate.lm_eval_plugin as plugin
+    import ctp.evaluation.lm_eval_plugin as plugin
 
     class Started(Exception):
         pass

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from conftest import ARCH_NAMES, calib_ids, tiny_model
-from ctp.compress.layers import prune_
-from ctp.compress.prune import decoder_linears
+from ctp.compression.layers import prune_
+from ctp.compression.prune import decoder_linears
 from ctp.config import CompressConfig
 from ctp.errors import CTPError
 from ctp.models import decoder_layers

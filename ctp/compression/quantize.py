@@ -3,7 +3,7 @@
 Each Linear is replaced by the module transformers builds when it loads a bitsandbytes checkpoint
 (``Linear4bit`` / ``Linear8bitLt`` with the same settings), holding either bitsandbytes' own
 round-to-nearest quantization (``rtn``) or the codes an OBS sweep chose (``obs``,
-:mod:`ctp.compress.obs`), packed in bitsandbytes' storage. The model then saves once with
+:mod:`ctp.compression.obs`), packed in bitsandbytes' storage. The model then saves once with
 ``save_pretrained`` and its ``quantization_config``: a standard checkpoint that
 ``AutoModelForCausalLM.from_pretrained`` loads without ctp, into exactly these modules.
 Zero weights stay exactly zero: NF4 and FP4 code books contain 0 and scale by absmax with no

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bitsandbytes.functional as bnbf
-from ctp.compress.obs import (Codebook4bit, Hessian, NotPositiveDefinite, RowInt8, inverse_cholesky,
+from ctp.compression.obs import (Codebook4bit, Hessian, NotPositiveDefinite, RowInt8, inverse_cholesky,
                               max_dequant_error, pack_4bit, pack_int8, sweep)
 
 OUT, IN, TOKENS = 64, 256, 768

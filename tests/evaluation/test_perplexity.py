@@ -7,7 +7,7 @@ import torch
 
 from conftest import calib_ids, tiny_model
 from ctp.errors import CTPError
-from ctp.evaluate.perplexity import perplexity_of_ids
+from ctp.evaluation.perplexity import perplexity_of_ids
 from ctp.lm import windows_of
 
 

@@ -7,7 +7,7 @@ placeholder to lm-eval's registry (about 50 ms, torch not imported), and the plu
 
 from __future__ import annotations
 
-PLUGIN = "ctp.evaluate.lm_eval_plugin:CTPLM"
+PLUGIN = "ctp.evaluation.lm_eval_plugin:CTPLM"
 
 
 def register() -> bool:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ctp.compress.masks import matrix_mask, nm_mask, row_mask
+from ctp.compression.masks import matrix_mask, nm_mask, row_mask
 from ctp.errors import CTPError
 
 

@@ -2,7 +2,7 @@
 pruned, whether a pattern fits them, and how much was zeroed.
 
 Only ``nn.Linear`` modules inside the decoder layers are pruned; embeddings and the output head
-are not. The layer-by-layer work itself is :mod:`ctp.compress.layers`.
+are not. The layer-by-layer work itself is :mod:`ctp.compression.layers`.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 from torch import nn
 
 from ..artifacts import is_quantized_dir, load_prompt_embeddings, read_compression_meta, read_prompt_meta
-from ..compress.pipeline import compress
+from ..compression.pipeline import compress
 from ..config import CompressConfig, from_dict
 from ..errors import CTPError
 from ..lm import PromptCache, build_prompt_cache, decode, prompted_logits, stop_token_ids, token_picker
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 # model_args that ask for in-memory compression; each is the CompressConfig field of that name.
 COMPRESS_ARGS = ("prune", "sparsity", "pattern", "magnitude_scope", "quant", "double_quant",
-                 "calib", "nsamples", "seqlen", "seed")
+                 "rounding", "dampening", "blocksize", "calib", "nsamples", "seqlen", "seed")
 
 
 def _compress_in_memory(pretrained: str, args: dict[str, Any], device: torch.device,
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``ctp lm-eval ARGS``: lm-eval's own command line, unchanged, with ``--model ctp`` known."""
     from lm_eval.__main__ import cli_evaluate
 
-    importlib.import_module("ctp.evaluate.lm_eval_plugin")  # registers CTPLM, even under `-m`
+    importlib.import_module("ctp.evaluation.lm_eval_plugin")  # registers CTPLM, even under `-m`
 
     saved = sys.argv
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]

@@ -90,7 +90,7 @@ def compress(
         model: hub id, local folder, a named model (``"embedded"``), or a loaded model (which
             is compressed in place: use ``result.model``, the same object, afterwards; its
             non-persistent buffers, such as rotary frequencies, stay as given).
-        config: what to do (defaults: Wanda 50% unstructured, then NF4 rounded to nearest).
+        config: what to do (defaults: SparseGPT 50% unstructured, then NF4 with OBS rounding).
         out: output folder, written atomically (temporary folder, then rename); ``None`` keeps
             the result in memory only.
         tokenizer: needed for calibration text and saved with the model; loaded from ``model``

@@ -1,6 +1,6 @@
 import torch
 
-from ctp.compress.scores import InputNorms, magnitude_score, wanda_score
+from ctp.compression.scores import InputNorms, magnitude_score, wanda_score
 
 
 def test_input_norms_is_mean_over_sequences_of_squared_norms():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import calib_ids, tiny_model
-from ctp.compress.pipeline import compress
-from ctp.compress.prune import decoder_linears
-from ctp.compress.quantize import dense_weight
+from ctp.compression.pipeline import compress
+from ctp.compression.prune import decoder_linears
+from ctp.compression.quantize import dense_weight
 from ctp.config import CompressConfig
 
 

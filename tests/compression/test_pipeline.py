@@ -7,7 +7,7 @@ import torch
 
 from conftest import calib_ids, tiny_model
 from ctp.artifacts import COMPRESSION_FILE
-from ctp.compress.pipeline import compress
+from ctp.compression.pipeline import compress
 from ctp.config import CompressConfig
 from ctp.errors import CTPError
 from ctp.models import weights_fingerprint
@@ -29,7 +29,7 @@ def test_report_and_metadata_file(tmp_path):
     assert set(saved["sparsity"]["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                  "gate_proj", "up_proj", "down_proj"}
     assert 0 < saved["bits_per_weight"] < 32
-    assert saved["label"] == "wanda-2:4+nf4"
+    assert saved["label"] == "wanda-2:4+nf4-obs"  # obs rounding: the default when calibrated
 
 
 def test_fingerprint_is_dtype_independent():
@@ -62,7 +62,7 @@ def test_overwrite_replaces(tmp_path):
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     """A failure after the checkpoint is already written into the staging folder (while writing
     the report) removes the staging folder and leaves no output."""
-    import ctp.compress.pipeline as pipeline
+    import ctp.compression.pipeline as pipeline
 
     staged = []
 
