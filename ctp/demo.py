@@ -13,6 +13,7 @@ from typing import Any
 from .artifacts import read_compression_meta
 from .compression.pipeline import compress, is_complete
 from .config import CompressConfig, EvalConfig
+from .errors import CTPError
 from .evaluation.api import evaluate
 
 log = logging.getLogger(__name__)
@@ -86,22 +87,31 @@ def rows_table(rows: list[dict[str, Any]]) -> str:
 
 
 QUICK_SETS = [  # a smoke run of the demo recipe, for tests
-    "compress.nf4.nsamples=16", "compress.wanda-50pct+nf4.nsamples=16",
-    "prompts.p10-wanda-50pct+nf4.config.steps=20", "prompts.p10-wanda-50pct+nf4.config.eval_every=10",
-    "prompts.p10-wanda-50pct+nf4.config.eval_windows=16", "eval.max_windows=40",
+    "compress.nf4.nsamples=16", "compress.sparsegpt-50pct+nf4.nsamples=16",
+    "prompts.p10-sparsegpt-50pct+nf4.config.steps=20", "prompts.p10-sparsegpt-50pct+nf4.config.eval_every=10",
+    "prompts.p10-sparsegpt-50pct+nf4.config.eval_windows=16", "eval.max_windows=40",
 ]
+# named model -> its packaged demo recipe
+DEMOS = {"embedded": "demo", "smollm2-135m": "demo-smollm2"}
 
 
-def run_demo(workdir: str | Path = "ctp-demo", quick: bool = False, progress: bool = True) -> dict[str, Any]:
-    """``ctp run demo`` in ``workdir``: compress the embedded model four ways, tune a prompt on
-    Wanda-50% + NF4, evaluate it on every compressed copy. ``quick`` runs a smoke version."""
+def run_demo(workdir: str | Path | None = None, quick: bool = False, progress: bool = True,
+             model: str = "embedded") -> dict[str, Any]:
+    """``ctp run demo`` (or ``demo-smollm2`` for ``model="smollm2-135m"``) in ``workdir``
+    (default: the recipe's): compress the model several ways, tune a prompt on one compressed
+    copy, evaluate it on every copy. ``quick`` runs a smoke version of the embedded demo."""
     from .evaluation.transfer import transfer_table
     from .recipe import load_recipe, run_recipe
 
-    recipe = load_recipe("demo", QUICK_SETS if quick else [])
-    recipe.workdir = Path(workdir)  # a path, not YAML
+    if model not in DEMOS:
+        raise CTPError(f"no demo for {model!r}; choose from {', '.join(DEMOS)}")
+    if quick and model != "embedded":
+        raise CTPError("--quick is a smoke run of the embedded demo")
+    recipe = load_recipe(DEMOS[model], QUICK_SETS if quick else [])
+    if workdir is not None:
+        recipe.workdir = Path(workdir)  # a path, not YAML
     if quick:
-        recipe.compress = {k: v for k, v in recipe.compress.items() if k in ("nf4", "wanda-50pct+nf4")}
+        recipe.compress = {k: v for k, v in recipe.compress.items() if k in ("nf4", "sparsegpt-50pct+nf4")}
     result = run_recipe(recipe, progress=progress)
     result["table"] = transfer_table(result)
     return result

@@ -51,7 +51,7 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
     values = np.array([[c.get("recovered") if c.get("recovered") is not None else np.nan
                         for c in row] for row in result["cells"]], dtype=float) * 100
     rows, cols = values.shape
-    fig, ax = plt.subplots(figsize=(max(6.0, 3.2 + 1.8 * cols), 1.6 + 0.75 * rows), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(8.0, 5.0 + 1.8 * cols), 2.0 + 0.75 * rows), dpi=110)
     image = ax.imshow(np.clip(values, -100, 100), cmap="RdYlGn", vmin=-100, vmax=100, aspect="auto")
     for i in range(rows):
         for j in range(cols):
@@ -62,10 +62,10 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
             ax.text(j, i, text, ha="center", va="center", fontsize=9)
     ax.set_xticks(range(cols), [p["label"] for p in result["prompts"]], rotation=15, ha="right")
     ax.set_yticks(range(rows), [f"{m['label']} (ppl {m['ppl']:.2f})" for m in result["models"]])
-    ax.set_title(f"share of each model's compression gap recovered by the prompt\n"
+    fig.suptitle(f"share of each model's compression gap recovered by each prompt\n"
                  f"{result['data']} {result['split']}, windows of {result['seqlen']}; "
                  f"dense ppl {result['dense']['ppl']:.2f}", fontsize=9)
-    fig.colorbar(image, ax=ax, label="% of the gap recovered")
+    fig.colorbar(image, ax=ax, label="% of the gap recovered", fraction=0.05)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

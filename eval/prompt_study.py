@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import math
 import sys
@@ -30,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ctp.compress.pipeline import compress  # noqa: E402
+from ctp.compression.pipeline import compress  # noqa: E402
 from ctp.config import CompressConfig, PromptConfig  # noqa: E402
 from ctp.data import load_text, tokenize  # noqa: E402
 from ctp.demo import EMBEDDED_CALIB, slug  # noqa: E402
-from ctp.evaluate.transfer import gap_recovered  # noqa: E402
-from ctp.evaluate.perplexity import perplexity_of_ids  # noqa: E402
+from ctp.evaluation.transfer import gap_recovered  # noqa: E402
+from ctp.evaluation.perplexity import perplexity_of_ids  # noqa: E402
 from ctp.lm import spread_windows, token_nlls, window_nlls, windows_of  # noqa: E402
 from ctp.models import load_any, load_tokenizer, resolve_model  # noqa: E402
 from ctp.prompt.state import lr_factor  # noqa: E402
@@ -48,10 +49,12 @@ STEPS = 400
 BATCH = 8
 
 TARGETS = {
-    "wanda-50%+nf4": CompressConfig(prune="wanda", sparsity=0.5, quant="nf4", **EMBEDDED_CALIB),
+    "wanda-50%+nf4": CompressConfig(prune="wanda", sparsity=0.5, quant="nf4", rounding="rtn", **EMBEDDED_CALIB),
     "magnitude-50%+nf4": CompressConfig(prune="magnitude", sparsity=0.5, quant="nf4", **EMBEDDED_CALIB),
-    "wanda-2:4+nf4": CompressConfig(prune="wanda", pattern="2:4", quant="nf4", **EMBEDDED_CALIB),
+    "wanda-2:4+nf4": CompressConfig(prune="wanda", pattern="2:4", quant="nf4", rounding="rtn", **EMBEDDED_CALIB),
     "nf4": CompressConfig(prune="none", quant="nf4", **EMBEDDED_CALIB),
+    "sparsegpt-50%+nf4-obs": CompressConfig(prune="sparsegpt", sparsity=0.5, quant="nf4", rounding="obs",
+                                            **EMBEDDED_CALIB),
     "dense": None,  # the same prompt recipe on the uncompressed model: what is plain adaptation?
 }
 
@@ -116,9 +119,19 @@ def run_prompt(folder: Path, data: Data, settings: dict) -> dict:
 
 def run_peft(folder: Path, data: Data, method: str, settings: dict) -> dict:
     """Prefix tuning or LoRA with PEFT, the same data order / schedule / honest loss as ctp."""
+    config = prompt_config(**settings)
+    model, meta = train_adapter(folder, data.train, data.val, method, config, SEQLEN, BATCH)
+    return {"ppl": test_ppl(model, data), **meta}
+
+
+def train_adapter(folder: Path, train: torch.Tensor, val: torch.Tensor, method: str,
+                  config: PromptConfig, seqlen: int, batch: int):
+    """Train a PEFT prefix ("prefix") or LoRA r=8 on every decoder Linear ("lora") on the frozen
+    model in ``folder``: ``config``'s steps, lr, schedule, warmup, clip and seed, windows of
+    ``seqlen`` in a seeded order, ``batch`` per step, the honest loss (ctp.lm.token_nlls); keeps
+    the weights with the best validation perplexity. Returns (peft model, metadata)."""
     from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 
-    config = prompt_config(**settings)
     model = load_any(str(folder))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -133,32 +146,32 @@ def run_peft(folder: Path, data: Data, method: str, settings: dict) -> dict:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.steps, config.warmup_steps))
-    chunks = windows_of(data.train, SEQLEN)
-    val = spread_windows(data.val, SEQLEN, config.eval_windows)
+    chunks = windows_of(train, seqlen)
+    val_windows = spread_windows(val, seqlen, config.eval_windows)
     order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(config.seed * 1_000_003))
     best, best_state, train_time = math.inf, None, 0.0
     for step in range(config.steps):
         started = time.time()
         peft_model.train()
-        batch = chunks[order[step * BATCH : (step + 1) * BATCH]]
-        loss = token_nlls(peft_model, batch).mean()
+        ids = chunks[order[(step * batch) % len(order):][:batch]]
+        loss = token_nlls(peft_model, ids).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         train_time += time.time() - started
-        if (step + 1) % config.eval_every == 0:
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             peft_model.eval()
-            ppl = math.exp(window_nlls(peft_model, val, None, 8).mean().item())
+            ppl = math.exp(window_nlls(peft_model, val_windows, None, 8).mean().item())
             if ppl < best:
                 best, best_state = ppl, [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, saved in zip(params, best_state):
             p.copy_(saved)
     peft_model.eval()
-    return {"ppl": test_ppl(peft_model, data), "params": sum(p.numel() for p in params),
-            "seconds_per_step": train_time / config.steps, "best_val_ppl": best}
+    return peft_model, {"params": sum(p.numel() for p in params),
+                        "seconds_per_step": train_time / config.steps, "best_val_ppl": best}
 
 
 def main() -> None:
@@ -168,7 +181,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="run only these study names")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 when sharing the machine
     RESULTS.mkdir(parents=True, exist_ok=True)
     log_path = RESULTS / "prompt_study.jsonl"
     done = {}

@@ -6,7 +6,7 @@ The committed model in ctp/assets/embedded-llama was made by running, from the r
 
 (defaults below; about 15 minutes on 2 CPU cores). It trains for less than one epoch of the
 train split so that validation and train perplexity stay close (no memorisation), then records
-train / validation / test perplexity (protocol of ctp.evaluate.perplexity, seqlen 512) in
+train / validation / test perplexity (protocol of ctp.evaluation.perplexity, seqlen 512) in
 ``training.json`` next to the weights.
 """
 
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ctp.data import embedded_corpus_dir, embedded_corpus_info, tokenize  # noqa: E402
-from ctp.evaluate.perplexity import perplexity_of_ids  # noqa: E402
+from ctp.evaluation.perplexity import perplexity_of_ids  # noqa: E402
 
 
 def train_tokenizer(train_file: Path, vocab_size: int):

@@ -74,6 +74,22 @@ def tiny_dir(tmp_path_factory, tokenizer):
     return make
 
 
+def linear_inputs(model, layer, ids) -> dict:
+    """Run the WHOLE model on ``ids`` and return every Linear input of ``layer`` as
+    ``{name: [tokens, in_features]}`` -- the naive way references see calibration data."""
+    from torch import nn
+
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    inputs = {n: [] for n in linears}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs[n].append(a[0].detach()))
+             for n, m in linears.items()]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]) for n, xs in inputs.items()}
+
+
 def calib_ids(nsamples: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     """Random token ids ``[nsamples, seqlen]``."""
     return torch.randint(0, VOCAB, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))

@@ -106,19 +106,27 @@ def test_compress_then_eval_end_to_end_in_a_subprocess(tmp_path, tiny_dir):
                    "--nsamples", "4", "--seqlen", "64", "--pattern", "2:4", "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["label"] == "sparsegpt-2:4+nf4-obs"  # the defaults and report["calibration"]["nsamples"] == 4
+    assert report["label"] == "sparsegpt-2:4+nf4-obs"  # the defaults
+    assert report["calibration"]["nsamples"] == 4
     assert "sparsity     overall" in proc.stderr and "Traceback" not in proc.stderr
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     proc = run_cli("eval", str(out), "--ppl", str(text), "--seqlen", "32", "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["ppl"]["t.txt"] > 1 and result["details"]["t.txt"]["seqlen"] == 32
+    assert result["details"]["t.txt"]["seqlen"] == 32
+    from ctp.data import tokenize
+    from ctp.evaluation.perplexity import perplexity_of_ids
+    from ctp.models import load_any, load_tokenizer
+
+    expected = perplexity_of_ids(load_any(str(out)), tokenize(load_tokenizer(str(out)), text.read_text()), 32)
+    assert result["ppl"]["t.txt"] == pytest.approx(expected.ppl, rel=1e-6)
 
 
 def test_lm_eval_passes_arguments_through(capsys):
     assert main(["lm-eval", "--help"]) == 0
-    assert "lm-eval" in capsys.readouterr().out  # lm-eval's own help, not ctp's
+    out = capsys.readouterr().out  # lm-eval's own help, not ctp's argparse usage
+    assert "Language Model Evaluation Harness" in out and "lm-eval run --model hf" in out
 
 
 def test_import_ctp_registers_lm_eval_model_lazily():
@@ -136,3 +144,12 @@ def test_named_models_in_the_help_are_the_named_models():
     from ctp.zoo import NAMED_MODELS
 
     assert {word for word in NAMED_HELP.replace(",", " ").split() if word in NAMED_MODELS} == set(NAMED_MODELS)
+
+
+def test_demo_choices_are_one_line_errors(capfd):
+    code = main(["demo", "--model", "smollm2-135m", "--quick", "--no-progress"])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "smoke run of the embedded demo" in err[0]
+    code = main(["demo", "--model", "gpt2"])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "invalid choice" in err[0]

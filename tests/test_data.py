@@ -120,3 +120,6 @@ def test_c4_test_perplexity_uses_its_first_256_windows(hub, tokenizer, monkeypat
     model = type("M", (), {"config": type("C", (), {"max_position_embeddings": 2048})()})()
     api.perplexity(model, tokenizer, "c4", "test")
     assert seen["max_windows"] == 256 and seen["seqlen"] == 2048
+    from ctp.data import tokenize
+
+    assert torch.equal(seen["ids"], tokenize(tokenizer, load_text("c4", "test")))

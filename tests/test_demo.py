@@ -12,8 +12,8 @@ def test_demo_quick_end_to_end(tmp_path):
     proc = run_cli("demo", "--quick", "--workdir", str(tmp_path / "demo"), "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
-    assert [m["label"] for m in result["models"]] == ["nf4", "wanda-50%+nf4"]
-    assert [p["label"] for p in result["prompts"]] == ["prompt@wanda-50%+nf4"]
+    assert [m["label"] for m in result["models"]] == ["nf4-obs", "sparsegpt-50%+nf4-obs"]
+    assert [p["label"] for p in result["prompts"]] == ["p10@sparsegpt-50%+nf4-obs"]
     dense = result["dense"]["ppl"]
     assert 5 < dense < 80
     assert all(m["ppl"] > dense for m in result["models"])  # compression costs something

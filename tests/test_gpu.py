@@ -66,6 +66,15 @@ def test_compress_on_cuda_other_methods(tmp_path, tiny_dir, prune, quant):
     with torch.no_grad():
         logits = result.model.to("cuda")(input_ids=calib_ids(1, 16).cuda()).logits
     assert torch.isfinite(logits).all()
+    if prune == "magnitude":  # a data-independent mask: exactly the CPU's
+        from ctp.compression.prune import decoder_linears
+        from ctp.compression.quantize import dense_weight
+
+        cpu = compress(str(tiny_dir("llama")), CompressConfig(prune=prune, quant=quant, device="cpu"),
+                       tmp_path / "cpu", progress=False)
+        theirs = decoder_linears(cpu.model)
+        for name, module in decoder_linears(result.model).items():
+            assert torch.equal(dense_weight(module).cpu() == 0, dense_weight(theirs[name]) == 0), name
 
 
 def test_a_cpu_compressed_checkpoint_runs_bf16_matmuls_on_the_gpu(compressed):
@@ -98,9 +107,9 @@ def test_tune_prompt_bf16_with_checkpointing_learns_and_matches_an_fp32_gradient
         prompt = torch.nn.Parameter(result.prompt.clone().cuda())
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             token_nlls(model, batch, prompt).mean().backward()
-        grads.append(prompt.grad.float())
-    assert grads[0].dtype == torch.float32
-    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 0.05
+        grads.append(prompt.grad)
+    assert not torch.equal(grads[0], grads[0].bfloat16().float())  # not through a 16-bit prompt
+    assert ((grads[0] - grads[1].float()).norm() / grads[1].float().norm()).item() < 0.05
 
 
 def test_eval_on_cuda_equals_the_cpu_with_and_without_a_prompt(compressed, tmp_path):
@@ -115,16 +124,23 @@ def test_eval_on_cuda_equals_the_cpu_with_and_without_a_prompt(compressed, tmp_p
         assert math.isfinite(got["cuda"]) and got["cuda"] == pytest.approx(got["cpu"], rel=2e-2)
 
 
-def test_stitch_on_cuda(compressed, tmp_path):
+def test_stitch_on_cuda_equals_the_cpu(compressed, tmp_path, capfd):
+    import json
+
     from ctp.cli import main
     from ctp.prompt.tune import tune_prompt
 
     tune_prompt(str(compressed["cpu"].out), PromptConfig(num_virtual_tokens=4, steps=2, seqlen=32, batch_size=2,
                                                         eval_every=2, eval_windows=2, device="cpu"),
                 tmp_path / "p", train_ids=ids_of(3000), val_ids=ids_of(600, 1), progress=False)
-    assert main(["stitch", str(tmp_path / "p"), str(compressed["cuda"].out), "--ppl", "embedded",
-                 "--max-windows", "2", "--device", "cuda", "--out", str(tmp_path / "pair"), "--no-progress"]) == 0
-    assert (tmp_path / "pair" / "prompt" / "adapter_model.safetensors").exists()
+    reports = {}
+    for device in ("cuda", "cpu"):
+        capfd.readouterr()
+        assert main(["stitch", str(tmp_path / "p"), str(compressed["cuda"].out), "--ppl", "embedded",
+                     "--max-windows", "2", "--device", device, "--json", "--no-progress"]) == 0
+        reports[device] = json.loads(capfd.readouterr().out)["ppl"]
+    for key in ("with_prompt", "without_prompt"):
+        assert reports["cuda"][key]["embedded"] == pytest.approx(reports["cpu"][key]["embedded"], rel=2e-2)
 
 
 def test_lm_eval_plugin_on_cuda_equals_the_cpu(compressed):
@@ -135,10 +151,18 @@ def test_lm_eval_plugin_on_cuda_equals_the_cpu(compressed):
     requests = [Instance("loglikelihood", {}, ("The model", " is small"), 0),
                 Instance("loglikelihood", {}, ("Compress", ", then prompt"), 1)]
     generate = [Instance("generate_until", {}, ("The model", {"until": ["\n"], "max_gen_toks": 6}), 0)]
+    from ctp.prompt.tune import tune_prompt
+
+    prompt = tune_prompt(str(compressed["cpu"].out), PromptConfig(num_virtual_tokens=4, steps=2, seqlen=32,
+                                                                 batch_size=2, eval_every=2, eval_windows=2,
+                                                                 device="cpu"),
+                         compressed["cpu"].out.parent / "lm-eval-prompt", train_ids=ids_of(3000),
+                         val_ids=ids_of(600, 1), progress=False).out
     scores, texts = {}, {}
     for device in ("cuda", "cpu"):
-        lm = CTPLM(pretrained=str(compressed["cuda"].out), device=device, batch_size=2)
+        lm = CTPLM(pretrained=str(compressed["cuda"].out), prompt=str(prompt), device=device, batch_size=2)
         scores[device] = [s for s, _ in lm.loglikelihood(requests)]
         texts[device] = lm.generate_until(generate)
     assert scores["cuda"] == pytest.approx(scores["cpu"], abs=0.05)
-    assert isinstance(texts["cuda"][0], str)
+    # bf16 GPU matmuls against fp32: greedy texts agree unless a near-tie flips a token
+    assert texts["cuda"][0][:3] == texts["cpu"][0][:3]

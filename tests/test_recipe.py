@@ -58,8 +58,8 @@ def test_shipped_recipes_are_valid():
 
 
 def test_set_overrides_are_typed():
-    recipe = load_recipe("demo", ["prompts.p10-wanda-50pct+nf4.config.steps=7", "eval.seqlen=128"])
-    assert recipe.prompts["p10-wanda-50pct+nf4"].config.steps == 7 and recipe.eval.seqlen == 128
+    recipe = load_recipe("demo", ["prompts.p10-sparsegpt-50pct+nf4.config.steps=7", "eval.seqlen=128"])
+    assert recipe.prompts["p10-sparsegpt-50pct+nf4"].config.steps == 7 and recipe.eval.seqlen == 128
 
 
 def test_run_resumes_after_an_interrupted_step(tmp_path, tiny_dir, monkeypatch):
@@ -128,4 +128,4 @@ def test_a_prompt_is_retuned_when_its_target_changes(tmp_path, tiny_dir, monkeyp
     assert calls == []  # nothing changed
     result = run_recipe(load_recipe(path, ["compress.m.sparsity=0.75"]), progress=False)
     assert len(calls) == 1  # the target changed: its prompt is tuned again
-    assert result["prompts"][0]["label"] == "prompt@magnitude-75%"
+    assert result["prompts"][0]["label"] == "p2@magnitude-75%"

@@ -40,10 +40,10 @@ def model_label(model_dir: str) -> str:
 
 
 def prompt_label(prompt_dir: str) -> str:
-    """A prompt's short name: ``prompt@<what it was tuned on>``, else its folder's name."""
+    """A prompt's short name: ``p<n>@<what it was tuned on>``, else its folder's name."""
     meta = read_prompt_meta(prompt_dir)
     trained_on = meta.get("compression_label")
-    return f"prompt@{trained_on}" if trained_on else Path(prompt_dir).name
+    return f"p{meta['num_virtual_tokens']}@{trained_on}" if trained_on else Path(prompt_dir).name
 
 
 def transfer(

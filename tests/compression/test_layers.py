@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ARCH_NAMES, calib_ids, tiny_model
+from conftest import ARCH_NAMES, calib_ids, linear_inputs, tiny_model
 from ctp.cli import main
 from ctp.compression import layers as layers_mod
 from ctp.compression.layers import Plan, collect, prune_
@@ -29,15 +29,9 @@ def reference_sparsegpt(model, ids, **sweep_kwargs):
     layers = decoder_layers(model)
     for layer in layers:
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        inputs = {n: [] for n in linears}
-        hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs[n].append(a[0].detach()))
-                 for n, m in linears.items()]
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-        for h in hooks:
-            h.remove()
+        inputs = linear_inputs(model, layer, ids)
         for n, lin in linears.items():
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[n]]).double()
+            x = inputs[n].double()
             h = 2 * x.T @ x / x.shape[0]
             new, _ = naive_sweep(lin.weight.detach(), h, **sweep_kwargs)
             with torch.no_grad():

@@ -16,6 +16,7 @@ from ctp.models import weights_fingerprint
 def test_report_and_metadata_file(tmp_path):
     model = tiny_model("llama")
     fingerprint = weights_fingerprint(model)
+    params = sum(p.numel() for p in model.parameters())
     ids = calib_ids(4, 32)
     result = compress(model, CompressConfig(prune="wanda", pattern="2:4"), tmp_path / "out",
                       calibration=ids, progress=False)
@@ -26,9 +27,18 @@ def test_report_and_metadata_file(tmp_path):
     assert saved["calibration"] == {"source": "tensor", "nsamples": 4, "seqlen": 32, "seed": None}
     assert saved["sparsity_after_pruning"]["overall"] == 0.5
     assert 0.5 <= saved["sparsity"]["overall"] < 0.51  # nf4 rounds a few tiny weights to zero
-    assert set(saved["sparsity"]["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                 "gate_proj", "up_proj", "down_proj"}
-    assert 0 < saved["bits_per_weight"] < 32
+    from ctp.compression.prune import decoder_linears
+    from ctp.compression.quantize import dense_weight
+
+    counts = {}  # zeros / weights per layer type, read back from the modules themselves
+    for name, module in decoder_linears(result.model).items():
+        w = dense_weight(module)
+        z, n = counts.get(name.rsplit(".", 1)[-1], (0, 0))
+        counts[name.rsplit(".", 1)[-1]] = (z + int((w == 0).sum()), n + w.numel())
+    assert saved["sparsity"]["by_type"] == pytest.approx({k: z / n for k, (z, n) in counts.items()})
+    assert set(counts) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    stored = sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
+    assert saved["parameters"] == params and saved["bits_per_weight"] == pytest.approx(8 * stored / params)
     assert saved["label"] == "wanda-2:4+nf4-obs"  # obs rounding: the default when calibrated
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ARCH_NAMES, calib_ids, tiny_model
+from conftest import ARCH_NAMES, calib_ids, linear_inputs, tiny_model
 from ctp.compression.layers import prune_
 from ctp.compression.prune import decoder_linears
 from ctp.config import CompressConfig
@@ -24,15 +24,9 @@ def reference_wanda_masks(model, ids, sparsity=None, nm=None):
     prefix = next(n for n, m in model.named_modules() if m is layers)
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        inputs = {n: [] for n in linears}
-        hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs[n].append(a[0].detach()))
-                 for n, m in linears.items()]
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-        for h in hooks:
-            h.remove()
+        inputs = linear_inputs(model, layer, ids)
         for n, lin in linears.items():
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[n]])
+            x = inputs[n]
             score = lin.weight.abs() * x.norm(dim=0)  # ||X_j||_2 over all tokens
             mask = torch.zeros_like(score, dtype=torch.bool)
             rows, cols = score.shape
@@ -99,9 +93,13 @@ def test_magnitude_one_threshold_per_matrix():
 
 def test_magnitude_per_row_scope():
     model = tiny_model("qwen2")
+    original = {n: l.weight.detach().abs().clone() for n, l in decoder_linears(model).items()}
     prune_(model, CompressConfig(prune="magnitude", sparsity=0.25, magnitude_scope="row"), progress=False)
-    for lin in decoder_linears(model).values():
-        assert ((lin.weight == 0).sum(dim=1) == int(lin.in_features * 0.25)).all()
+    for name, lin in decoder_linears(model).items():
+        pruned = lin.weight == 0
+        assert (pruned.sum(dim=1) == int(lin.in_features * 0.25)).all()
+        for w0, row in zip(original[name], pruned):  # each row's own threshold
+            assert w0[row].max() <= w0[~row].min(), name
 
 
 def test_embeddings_and_head_are_not_pruned():

@@ -111,6 +111,18 @@ def test_prompt_gradient_through_quantized_model_matches_its_dense_twin(tmp_path
              tmp_path / "out", progress=False)
     quantized = load_any(str(tmp_path / "out"))
     ids = calib_ids(2, 24, seed=2)
+    if quant == "nf4":  # the control: loaded plainly, this CPU's repacking does zero the gradient
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        with torch.no_grad():
+            plain(input_ids=ids)
+        for p in plain.parameters():
+            p.requires_grad_(False)
+        control = torch.nn.Parameter(torch.randn(3, 64) * 0.1)
+        token_nlls(plain, ids, control).mean().backward()
+        if control.grad is not None and control.grad.any():
+            pytest.skip("this CPU's bitsandbytes does not repack 4-bit weights: nothing to guard")
     with torch.no_grad():
         quantized(input_ids=ids)  # an inference pass first, as evaluation before training does
     twin = tiny_model("llama")

@@ -160,6 +160,13 @@ def test_sampling_and_unsupported_generation_arguments(setup):
     first = lm.generate_until(reqs)
     torch.manual_seed(0)
     assert lm.generate_until(requests("generate_until", [(c, dict(sample)) for c, _ in PAIRS])) == first
+    others = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        others.append(lm.generate_until(requests("generate_until", [(c, dict(sample)) for c, _ in PAIRS])))
+    greedy = lm.generate_until(requests("generate_until", [(c, {"until": ["\n\n"], "max_gen_toks": 6})
+                                                           for c, _ in PAIRS]))
+    assert any(o != first for o in others) and any(o != greedy for o in [first, *others])
     with pytest.raises(CTPError, match="num_beams"):
         lm.generate_until(requests("generate_until", [(PAIRS[0][0], {"until": ["."], "max_gen_toks": 4, "num_beams": 2})]))
 

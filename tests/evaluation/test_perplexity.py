@@ -61,6 +61,15 @@ def test_too_short_and_too_long():
                           prompt=torch.zeros(10, model.config.hidden_size))
 
 
+def test_max_windows_scores_the_first_windows():
+    """The published C4 protocol scores the first 256 windows: max_windows takes the first N."""
+    model = tiny_model("llama")
+    ids = calib_ids(1, 5 * 48, seed=3).flatten()
+    got = perplexity_of_ids(model, ids, 48, max_windows=2)
+    assert got.windows == 2 and got.ppl == pytest.approx(naive_ppl(model, ids[:96], 48), rel=1e-5)
+    assert got.ppl != pytest.approx(naive_ppl(model, ids[96:192], 48), rel=1e-3)
+
+
 def test_windows_do_not_overlap():
     w = windows_of(torch.arange(10), 3)
     assert w.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]

@@ -2,6 +2,7 @@
 
 import math
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,6 +131,11 @@ def test_save_stitched_pair_loads_with_plain_transformers_and_peft(family, tmp_p
     assert set(report["ppl"]) == {"without_prompt", "with_prompt"}
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "prompt")
     assert model.active_peft_config.num_virtual_tokens == 4
+    loaded = model.prompt_encoder["default"].embedding.weight.detach().float()
+    assert torch.equal(loaded, load_prompt_embeddings(family["prompt"]))
+    assert json.loads((out / "ctp_stitch.json").read_text())["ppl"] == report["ppl"]
+    for name in ("config.json", "model.safetensors"):  # the target's own files, byte for byte
+        assert (out / name).read_bytes() == (Path(family["b"]) / name).read_bytes()
     assert main(["stitch", family["prompt"], family["b"], "--out", str(out)]) == 2  # no overwrite
 
 

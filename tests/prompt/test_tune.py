@@ -40,6 +40,27 @@ def test_training_loss_falls_and_best_prompt_is_kept(tmp_path):
     assert not (tmp_path / "p.work").exists()
 
 
+def test_the_prompt_kept_is_the_best_by_validation_not_the_last(tmp_path):
+    """Training text from one token range, validation from another: the prompt fits the first
+    and validation gets worse, so the best checkpoint is an early one. What is saved must be that
+    one (re-measured here), and the no-prompt baseline must be the model alone."""
+    from ctp.evaluation.perplexity import perplexity_of_ids
+    from ctp.lm import spread_windows
+
+    model = tiny_model("llama")
+    train = ids_of(4000)  # tokens 0..49
+    val = ids_of(800, 1) + 100  # tokens 100..149
+    config = PromptConfig(num_virtual_tokens=4, steps=30, lr=0.1, schedule="constant", seqlen=32,
+                          batch_size=4, eval_every=5, eval_windows=8, warmup_steps=0)
+    result = tune_prompt(model, config, tmp_path / "p", train_ids=train, val_ids=val, progress=False)
+    h = result.meta["history"]
+    assert result.meta["best_step"] < 30 and h["val_ppl"][-1] > result.meta["best_val_ppl"]
+    windows = spread_windows(val, 32, 8).flatten()
+    saved = load_prompt_embeddings(tmp_path / "p")
+    assert perplexity_of_ids(model, windows, 32, prompt=saved).ppl == pytest.approx(result.meta["best_val_ppl"], rel=1e-9)
+    assert result.meta["val_ppl_without_prompt"] == pytest.approx(perplexity_of_ids(model, windows, 32).ppl, rel=1e-9)
+
+
 def test_prompt_folder_is_a_peft_adapter_that_scores_like_ctp(tmp_path):
     from peft import PeftModel
 
@@ -72,11 +93,19 @@ def test_initialisations(init, tokenizer):
     embed = torch.randn(2048, 8)
     prompt = init_prompt(PromptConfig(num_virtual_tokens=6, init=init), embed, tokenizer)
     assert prompt.shape == (6, 8)
+    again = init_prompt(PromptConfig(num_virtual_tokens=6, init=init), embed, tokenizer)
+    assert torch.equal(prompt, again)  # seeded
     if init == "vocab":
         assert torch.equal(prompt, embed[:6])
+    if init == "sample-vocab":
+        rows = [int(((embed - row).abs().sum(1) == 0).nonzero()[0]) for row in prompt]
+        assert len(set(rows)) > 1 and all(torch.equal(prompt[i], embed[r]) for i, r in enumerate(rows))
+    if init == "random":
+        assert abs(prompt.std().item() - embed.std().item()) < 0.3 * embed.std().item()
+        assert not any(((embed - row).abs().sum(1) == 0).any() for row in prompt)
     if init == "text:the model":
         ids = tokenizer("the model", add_special_tokens=False)["input_ids"]
-        assert torch.equal(prompt[0], embed[ids[0]])
+        assert all(torch.equal(prompt[i], embed[ids[i % len(ids)]]) for i in range(6))
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +234,18 @@ def test_resume_with_different_settings_is_refused(tmp_path, tiny_dir, texts, ca
         err = capfd.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and "different settings" in err[0], (changed, err)
         assert not (tmp_path / "p").exists()
+    import ctp.prompt.tune as tune_mod
+
+    steps_run = []
+    real = tune_mod.token_nlls
+    monkeypatch.setattr(tune_mod, "token_nlls", lambda *a, **k: steps_run.append(1) or real(*a, **k))
     assert main(tune_args(model_dir, tmp_path / "p", texts, *common, "--resume")) == 0
+    assert len(steps_run) == 6 - 2  # it went on from step 2: no step was trained twice
     straight, resumed = read_prompt_meta(tmp_path / "straight"), read_prompt_meta(tmp_path / "p")
+    for key in ("step", "eval_step", "val_ppl_without_prompt"):  # the step-0 record came from the checkpoint
+        assert resumed["history"][key] == straight["history"][key], key
     assert resumed["history"]["train_loss"] == pytest.approx(straight["history"]["train_loss"], abs=1e-7)
+    assert resumed["history"]["val_ppl"] == pytest.approx(straight["history"]["val_ppl"], rel=1e-9)
     assert torch.equal(load_prompt_embeddings(tmp_path / "p"), load_prompt_embeddings(tmp_path / "straight"))
 
 
