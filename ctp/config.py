@@ -26,6 +26,7 @@ SPLITS = ("train", "validation", "test")
 INITS = ("vocab", "sample-vocab", "random")  # and text:...
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+DEMO_RECIPES = {"embedded": "demo", "smollm2-135m": "demo-smollm2"}  # `ctp demo --model` -> recipe
 
 T = TypeVar("T")
 

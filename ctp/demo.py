@@ -12,7 +12,7 @@ from typing import Any
 
 from .artifacts import read_compression_meta
 from .compression.pipeline import compress, is_complete
-from .config import CompressConfig, EvalConfig
+from .config import DEMO_RECIPES, CompressConfig, EvalConfig
 from .errors import CTPError
 from .evaluation.api import evaluate
 
@@ -91,8 +91,6 @@ QUICK_SETS = [  # a smoke run of the demo recipe, for tests
     "prompts.p10-sparsegpt-50pct+nf4.config.steps=20", "prompts.p10-sparsegpt-50pct+nf4.config.eval_every=10",
     "prompts.p10-sparsegpt-50pct+nf4.config.eval_windows=16", "eval.max_windows=40",
 ]
-# named model -> its packaged demo recipe
-DEMOS = {"embedded": "demo", "smollm2-135m": "demo-smollm2"}
 
 
 def run_demo(workdir: str | Path | None = None, quick: bool = False, progress: bool = True,
@@ -103,11 +101,11 @@ def run_demo(workdir: str | Path | None = None, quick: bool = False, progress: b
     from .evaluation.transfer import transfer_table
     from .recipe import load_recipe, run_recipe
 
-    if model not in DEMOS:
-        raise CTPError(f"no demo for {model!r}; choose from {', '.join(DEMOS)}")
+    if model not in DEMO_RECIPES:
+        raise CTPError(f"no demo for {model!r}; choose from {', '.join(DEMO_RECIPES)}")
     if quick and model != "embedded":
         raise CTPError("--quick is a smoke run of the embedded demo")
-    recipe = load_recipe(DEMOS[model], QUICK_SETS if quick else [])
+    recipe = load_recipe(DEMO_RECIPES[model], QUICK_SETS if quick else [])
     if workdir is not None:
         recipe.workdir = Path(workdir)  # a path, not YAML
     if quick:
