@@ -43,7 +43,7 @@ from prompt_study import train_adapter  # noqa: E402
 RESULTS = REPO / "eval" / "results"
 RECIPE = REPO / "recipes" / "smollm2-study.yaml"
 TARGETS = ("wanda-50pct+nf4", "wanda-2of4+nf4")
-LENGTHS = (10,)  # 50 as well when the recipe has p50-* prompts
+LENGTHS = (10,)  # the 50-token prompts: eval/smollm2_p50.sh
 
 
 def net_recovered(dense: float, compressed: float, dense_prompted: float, prompted: float) -> float:
