@@ -1,8 +1,10 @@
 """ctp's file formats: their names, validating readers and atomic writers.
 
 - a compressed checkpoint: what ``save_pretrained`` writes, plus ``ctp_compression.json``;
-- a prompt: a PEFT prompt-tuning adapter (``adapter_config.json``, ``adapter_model.safetensors``
-  holding ``prompt_embeddings`` ``[n, hidden]``) plus ``ctp_prompt.json``;
+- a prompt: a PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors`` holding
+  ``prompt_embeddings``) plus ``ctp_prompt.json``: an *input* prompt is a prompt-tuning adapter
+  (``[n, hidden]``), a *key/value* prompt a prefix-tuning one (``[n, layers x 2 x kv_heads x
+  head_dim]``);
 - a stitched pair: a checkpoint, its prompt in ``prompt/`` and ``ctp_stitch.json``;
 - a training checkpoint: ``tensors.safetensors`` plus ``state.json``.
 
@@ -36,6 +38,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PROMPT_TENSOR = "prompt_embeddings"
 PAIR_PROMPT_DIR = "prompt"  # where a stitched pair keeps its prompt
+PROMPT_TUNING, PREFIX_TUNING = "PROMPT_TUNING", "PREFIX_TUNING"  # PEFT's types: input, key/value
+PROMPT_PEFT_TYPES = (PROMPT_TUNING, PREFIX_TUNING)
 CHECKPOINT_TENSORS = "tensors.safetensors"
 CHECKPOINT_STATE = "state.json"
 
@@ -166,6 +170,8 @@ _PROMPT_FIELDS = {
     "base_fingerprint": (str, type(None)), "prompt_config": (dict,), "best_val_ppl": _NUMBER,
 }
 _PROMPT_OPTIONAL = {
+    "prompt_type": (str,), "kv_layers": (int,), "kv_heads": (int,), "head_dim": (int,),
+    "objective": (str,), "bos_token_id": (int, type(None)),
     "model": (str, type(None)), "base_model": (str, type(None)), "compression": (dict, type(None)),
     "compression_label": (str, type(None)), "val_ppl_without_prompt": (*_NUMBER, type(None)),
 }
@@ -195,7 +201,13 @@ def read_prompt_meta(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / PROMPT_FILE
     if not path.exists():
         return {}
-    return _check_fields(read_json(path), path, _PROMPT_FIELDS, _PROMPT_OPTIONAL)
+    meta = _check_fields(read_json(path), path, _PROMPT_FIELDS, _PROMPT_OPTIONAL)
+    kind = meta.get("prompt_type", "input")
+    if kind not in ("input", "kv"):
+        raise CTPError(f"{path}: 'prompt_type' must be input or kv, got {kind!r}")
+    if kind == "kv":
+        _check_fields(meta, path, {"kv_layers": (int,), "kv_heads": (int,), "head_dim": (int,)})
+    return meta
 
 
 def read_stitch_meta(folder: str | os.PathLike) -> dict[str, Any]:
@@ -251,9 +263,28 @@ def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
     return tensor
 
 
+def prompt_peft_type(folder: str | os.PathLike) -> str:
+    """The PEFT type of a prompt folder's adapter: ``PROMPT_TUNING`` (an input prompt) or
+    ``PREFIX_TUNING`` (a key/value prompt); anything else is a CTPError."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.exists():  # a folder of tensors only: an input prompt, as ctp first wrote them
+        return PROMPT_TUNING
+    config = _check_fields(read_json(path), path, {}, {"peft_type": (str,)})
+    peft_type = config.get("peft_type", PROMPT_TUNING)
+    if peft_type not in PROMPT_PEFT_TYPES:
+        raise CTPError(f"{path}: peft_type {peft_type!r} is not a soft prompt ctp can use "
+                       f"({' or '.join(PROMPT_PEFT_TYPES)})")
+    if config.get("prefix_projection"):
+        raise CTPError(f"{path}: a prefix-tuning adapter with prefix_projection (an MLP "
+                       "reparameterisation) is not supported; save the projected prefix instead")
+    return peft_type
+
+
 def load_prompt_embeddings(prompt: str | os.PathLike | torch.Tensor | None) -> torch.Tensor | None:
-    """A soft prompt ``[n, hidden]`` (float32) from a tensor or a prompt folder, checked to be a
-    finite 2-D float tensor that agrees with the folder's ``ctp_prompt.json``."""
+    """A soft prompt's tensor ``[n, width]`` (float32) from a tensor or a prompt folder, checked
+    to be a finite 2-D float tensor that agrees with the folder's ``ctp_prompt.json``: ``width``
+    is the hidden size for an input prompt, ``layers x 2 x kv_heads x head_dim`` for a key/value
+    prompt (PEFT's ``prompt_embeddings`` of prompt tuning and of prefix tuning)."""
     if prompt is None:
         return None
     if isinstance(prompt, torch.Tensor):
@@ -264,26 +295,40 @@ def load_prompt_embeddings(prompt: str | os.PathLike | torch.Tensor | None) -> t
     path = folder / ADAPTER_WEIGHTS
     if not path.exists():
         raise CTPError(f"{prompt} is not a prompt folder (no {ADAPTER_WEIGHTS})")
+    prompt_peft_type(folder)
     tensors = load_tensors(path)
     if PROMPT_TENSOR not in tensors:
         raise CTPError(f"{path} holds no {PROMPT_TENSOR} tensor (not a prompt-tuning adapter)")
     tensor = tensors[PROMPT_TENSOR]
     if tensor.dim() != 2 or tensor.shape[0] == 0 or not torch.is_floating_point(tensor):
-        raise CTPError(f"{path}: {PROMPT_TENSOR} must be a float [n, hidden] tensor, got "
+        raise CTPError(f"{path}: {PROMPT_TENSOR} must be a float [n, width] tensor, got "
                        f"{tensor.dtype} {tuple(tensor.shape)}")
     check_finite(tensor, str(path))
     meta = read_prompt_meta(folder)
-    if meta and (meta["num_virtual_tokens"], meta["hidden_size"]) != tuple(tensor.shape):
-        raise CTPError(f"{folder / PROMPT_FILE} describes a prompt of {meta['num_virtual_tokens']} x "
-                       f"{meta['hidden_size']}, but {path} holds {tuple(tensor.shape)}")
+    if meta:
+        width = meta["hidden_size"]
+        if meta.get("prompt_type") == "kv":
+            width = meta["kv_layers"] * 2 * meta["kv_heads"] * meta["head_dim"]
+        if (meta["num_virtual_tokens"], width) != tuple(tensor.shape):
+            raise CTPError(f"{folder / PROMPT_FILE} describes a prompt of {meta['num_virtual_tokens']} x "
+                           f"{width}, but {path} holds {tuple(tensor.shape)}")
     return tensor.float()
+
+
+def write_adapter(folder: Path, tensor: torch.Tensor, peft_config: Any, meta: dict[str, Any]) -> None:
+    """Write a PEFT prompt-learning adapter (``peft_config`` and ``tensor`` as its
+    ``prompt_embeddings``) plus ``ctp_prompt.json`` into ``folder``."""
+    from safetensors.torch import save_file
+
+    peft_config.save_pretrained(str(folder))
+    save_file({PROMPT_TENSOR: tensor.detach().float().cpu().contiguous()}, str(folder / ADAPTER_WEIGHTS))
+    write_json(folder / PROMPT_FILE, meta)
 
 
 def write_prompt_folder(folder: Path, prompt: torch.Tensor, base_model: str, num_layers: int,
                         num_attention_heads: int, meta: dict[str, Any]) -> None:
-    """Write ``prompt`` ``[n, hidden]`` as a PEFT prompt-tuning adapter plus ``ctp_prompt.json``."""
+    """Write an input prompt ``[n, hidden]`` as a PEFT prompt-tuning adapter plus ``ctp_prompt.json``."""
     from peft import PromptTuningConfig, TaskType
-    from safetensors.torch import save_file
 
     n, hidden = prompt.shape
     config = PromptTuningConfig(
@@ -295,9 +340,7 @@ def write_prompt_folder(folder: Path, prompt: torch.Tensor, base_model: str, num
         num_layers=num_layers,
         base_model_name_or_path=base_model,
     )
-    config.save_pretrained(str(folder))
-    save_file({PROMPT_TENSOR: prompt.detach().float().cpu().contiguous()}, str(folder / ADAPTER_WEIGHTS))
-    write_json(folder / PROMPT_FILE, meta)
+    write_adapter(folder, prompt, config, meta)
 
 
 # ---------------------------------------------------------------------------------------------

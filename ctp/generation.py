@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import check_device
+from .config import BOS_RULES, check_device
 from .errors import CTPError
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .lm import PromptCache
+    from .prompt.kinds import SoftPrompt
 
 # torch and everything that needs it are imported inside the functions: the CLI builds its
 # parser from GenerateConfig, and `ctp --help` must not wait for torch.
@@ -52,12 +53,17 @@ class GenerateConfig:
                                                      "probability reaches top_p"))
     seed: int = field(default=0, metadata=_help("seed of the sampler, anew for every generation"))
     compare: bool = field(default=False, metadata=_help("also generate without the prompt (same seed)"))
+    bos: str = field(default="auto", metadata=_help(
+        "BOS before every input: auto (for the families trained to depend on it, the Gemmas), "
+        "always or never -- the rule training and evaluation follow; the prompt sits after it"))
     device: str = field(default="auto", metadata=_help("auto (the GPU when there is one), cpu, cuda "
                                                        "or cuda:N"))
     trust_remote_code: bool = field(default=False, metadata=_help("allow the model repo's own code"))
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.bos not in BOS_RULES:
+            raise CTPError(f"unknown bos {self.bos!r}; choose from {', '.join(BOS_RULES)}")
         if self.max_new_tokens <= 0:
             raise CTPError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -100,15 +106,22 @@ class TextGenerator:
     model: nn.Module
     tokenizer: Any
     config: GenerateConfig
-    prompt: torch.Tensor | None = None
-    prompt_cache: PromptCache | None = None
+    prompt: SoftPrompt | None = None
+    prompt_cache: PromptCache | None = None  # BOS (per the rule) and the prompt
+    bare_cache: PromptCache | None = None  # BOS alone (None without one): "without the prompt"
     name: str = "model"
     prompt_name: str | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property
     def num_virtual_tokens(self) -> int:
-        return 0 if self.prompt_cache is None else self.prompt_cache.num_virtual_tokens
+        return 0 if self.prompt is None else self.prompt.num_virtual_tokens
+
+    @property
+    def context_length(self) -> int:
+        """Positions before every input: BOS (per the rule) and the prompt."""
+        cache = self.prompt_cache or self.bare_cache
+        return 0 if cache is None else cache.length
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -117,8 +130,9 @@ class TextGenerator:
         return stop_token_ids(self.model, self.tokenizer)
 
     def encode_inputs(self, inputs: Sequence[str], config: GenerateConfig) -> list[list[int]]:
-        """Token ids of every input, each checked to be non-empty and to fit the context with the
-        prompt and ``max_new_tokens`` (all are checked before anything is generated)."""
+        """Token ids of every input (no special tokens: BOS comes from the rule, before the
+        prompt), each checked to be non-empty and to fit the context with what stands before it
+        and ``max_new_tokens`` (all are checked before anything is generated)."""
         from .lm import model_context
 
         if not inputs:
@@ -126,14 +140,16 @@ class TextGenerator:
         context = model_context(self.model)
         encoded = []
         for i, text in enumerate(inputs, 1):
-            ids = self.tokenizer(text, return_attention_mask=False)["input_ids"] if text.strip() else []
+            ids = (self.tokenizer(text, return_attention_mask=False, add_special_tokens=False)["input_ids"]
+                   if text.strip() else [])
             if not ids:
                 raise CTPError(f"input {i} is empty")
-            need = self.num_virtual_tokens + len(ids) + config.max_new_tokens
+            need = self.context_length + len(ids) + config.max_new_tokens
             if context is not None and need > context:
-                raise CTPError(f"input {i} has {len(ids)} tokens; with {self.num_virtual_tokens} virtual "
-                               f"tokens and max_new_tokens {config.max_new_tokens} that is {need}, more "
-                               f"than the model's context of {context}")
+                raise CTPError(f"input {i} has {len(ids)} tokens; with {self.context_length} positions "
+                               f"before it (BOS, virtual tokens) and max_new_tokens "
+                               f"{config.max_new_tokens} that is {need}, more than the model's "
+                               f"context of {context}")
             encoded.append(ids)
         return encoded
 
@@ -142,10 +158,10 @@ class TextGenerator:
         yielding text as it is decoded. Inputs are validated first (CTPError)."""
         config = config or self.config
         inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-        if config.compare and self.prompt_cache is None:
+        if config.compare and self.prompt is None:
             raise CTPError("compare needs a prompt (--prompt, or a stitched pair folder)")
         encoded = self.encode_inputs(inputs, config)
-        variants = [True, False] if config.compare else [self.prompt_cache is not None]
+        variants = [True, False] if config.compare else [self.prompt is not None]
         for index, (text, ids) in enumerate(zip(inputs, encoded)):
             for with_prompt in variants:
                 yield from self._stream_one(index, text, ids, with_prompt, config)
@@ -167,7 +183,8 @@ class TextGenerator:
         new: list[int] = []
         shown, stop, started = "", "max_new_tokens", time.perf_counter()
         steps = decode(self.model, torch.tensor([ids], device=device),
-                       self.prompt_cache if with_prompt else None, max_new_tokens=config.max_new_tokens,
+                       self.prompt_cache if with_prompt else self.bare_cache,
+                       max_new_tokens=config.max_new_tokens,
                        pick=pick, eos_ids=eos, pad_id=eos[0] if eos else 0)
         for chosen in steps:
             token = int(chosen[0])
@@ -198,7 +215,7 @@ def _pair_prompt(model: str) -> str | None:
     return str(folder / PAIR_PROMPT_DIR)
 
 
-def load_generator(model: str | nn.Module, prompt: str | os.PathLike | torch.Tensor | None = None,
+def load_generator(model: str | nn.Module, prompt: str | os.PathLike | torch.Tensor | SoftPrompt | None = None,
                    config: GenerateConfig | None = None, *, tokenizer: Any = None) -> TextGenerator:
     """Load a model (compressed or dense folder, hub id, ``embedded``, or a stitched pair folder,
     whose ``prompt/`` is used when no ``prompt`` is given) and build the prompt's cache once.
@@ -206,11 +223,10 @@ def load_generator(model: str | nn.Module, prompt: str | os.PathLike | torch.Ten
     A prompt folder must fit the model (hidden size, tokenizer: :func:`check_compatible`); a
     different base model is a warning (``warnings``, also logged).
     """
-    import torch
-
-    from .artifacts import load_prompt_embeddings, read_prompt_meta
-    from .lm import build_prompt_cache
+    from .artifacts import read_prompt_meta
+    from .lm import bos_token
     from .models import load_any, load_tokenizer
+    from .prompt.kinds import context_of, load_prompt
     from .prompt.stitch import check_compatible
 
     config = config or GenerateConfig()
@@ -221,17 +237,19 @@ def load_generator(model: str | nn.Module, prompt: str | os.PathLike | torch.Ten
         model = load_any(model, device=config.device, trust_remote_code=config.trust_remote_code)
     elif tokenizer is None:
         raise CTPError("generate needs the tokenizer of a loaded model")
-    embeddings = load_prompt_embeddings(prompt)
+    soft = load_prompt(prompt)
     warnings: list[str] = []
-    if embeddings is not None and not isinstance(prompt, torch.Tensor):
-        warnings = check_compatible(str(prompt), embeddings, read_prompt_meta(prompt), str(name),
+    if soft is not None and isinstance(prompt, (str, os.PathLike)):
+        warnings = check_compatible(str(prompt), soft, read_prompt_meta(prompt), str(name),
                                     model, tokenizer)
         for w in warnings:
             log.warning(w)
-    cache = None if embeddings is None else build_prompt_cache(model, embeddings)  # checks the width
-    return TextGenerator(model=model, tokenizer=tokenizer, config=config, prompt=embeddings,
-                         prompt_cache=cache, name=str(name), warnings=warnings,
-                         prompt_name=None if prompt is None or isinstance(prompt, torch.Tensor) else str(prompt))
+    bos = bos_token(config.bos, model.config, tokenizer)
+    bare = context_of(model, None, bos)
+    cache = None if soft is None else context_of(model, soft, bos)  # checks the prompt's shape
+    return TextGenerator(model=model, tokenizer=tokenizer, config=config, prompt=soft,
+                         prompt_cache=cache, bare_cache=bare, name=str(name), warnings=warnings,
+                         prompt_name=str(prompt) if isinstance(prompt, (str, os.PathLike)) else None)
 
 
 def generate(model: str | nn.Module, inputs: str | Sequence[str],
@@ -251,7 +269,9 @@ def generation_report(generator: TextGenerator, outputs: list[Generation]) -> di
     """The JSON-ready record of a run: what was loaded and every generation."""
     cache = generator.prompt_cache
     return {"model": generator.name, "prompt": generator.prompt_name,
+            "prompt_type": None if generator.prompt is None else generator.prompt.kind,
             "num_virtual_tokens": generator.num_virtual_tokens,
+            "bos": generator.context_length > generator.num_virtual_tokens,
             "prompt_cache_bytes": 0 if cache is None else cache.nbytes,
             "warnings": list(generator.warnings),
             "outputs": [{**asdict(g), "tokens_per_second": g.tokens_per_second} for g in outputs]}

@@ -1,13 +1,18 @@
 """``ctp push``: publish a compressed model, a prompt, or a stitched pair to the Hugging Face Hub.
 
-The folder is staged unchanged in a temporary folder, plus a ``README.md`` model card written
-from its ctp metadata (a README.md the folder already has is kept instead), and uploaded with
-one ``upload_folder`` call. The token is left to huggingface_hub (argument, ``HF_TOKEN``, saved login)
-and never appears in the card, the staged files, or an error message.
+The folder is staged in a temporary folder, plus a ``README.md`` model card written from its
+ctp metadata (a README.md the folder already has is kept instead), and uploaded with one
+``upload_folder`` call. Nothing uploaded names a folder of the uploader's machine: in the staged
+copy only, every JSON file's path fields (``base_model_name_or_path``, ``model``, ``prompt``,
+``data``, ...) are written as the card writes them -- a Hub id as it is, a local path as its last
+component (:func:`publish_paths`); every other file, and the user's folder, stay byte for byte
+as they are. The token is left to huggingface_hub (argument, ``HF_TOKEN``, saved login) and never
+appears in the card, the staged files, or an error message.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -78,16 +83,32 @@ def _is_local(name: str, recorded: bool | None = None) -> bool:
 
 
 def _public(name: Any, recorded_local: bool | None = None) -> Any:
-    """A name fit for a public card: Hub ids, corpus and named models as they are; a local
-    path only as its last component (a card never publishes where files lie on a machine)."""
+    """A name fit for an upload (card or file): Hub ids, corpus and named models as they are; a
+    local path only as its last component (an upload never says where files lie on a machine)."""
     if not isinstance(name, str) or name in SOURCE_NAMES or name in NAMED_MODELS:
         return name
     return Path(name).name if _is_local(name, recorded_local) else name
 
 
-def _public_config(cfg: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any] | None:
-    """``cfg`` with the text-source ``keys`` (calibration / training files) made public."""
-    return None if cfg is None else {k: _public(v) if k in keys else v for k, v in cfg.items()}
+# Fields of ctp's and PEFT's JSON files (and transformers' configs) that hold a model folder or
+# a text file: ``base_model_name_or_path`` (adapter_config.json), ``model`` / ``base_model`` /
+# ``prompt`` (ctp_prompt.json, ctp_stitch.json, ctp_compression.json), ``calib`` / ``data`` /
+# ``val_data`` (the configs) and ``source`` (calibration / training / validation records).
+PATH_KEYS = frozenset({"base_model_name_or_path", "_name_or_path", "name_or_path", "model",
+                       "base_model", "prompt", "calib", "data", "val_data", "source"})
+
+
+def publish_paths(obj: Any, key: str | None = None, recorded_local: bool | None = None) -> Any:
+    """Parsed JSON ``obj`` with every string under a :data:`PATH_KEYS` key (at any depth, in
+    lists too) made :func:`_public`; a sibling ``<key>_local`` boolean (``base_model_local``)
+    says whether that name is a local path. Numbers and all other strings are returned as
+    they are; ``obj`` is not modified."""
+    if isinstance(obj, dict):
+        return {k: publish_paths(v, k, obj.get(f"{k}_local") if isinstance(obj.get(f"{k}_local"), bool)
+                                 else None) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [publish_paths(v, key, recorded_local) for v in obj]
+    return _public(obj, recorded_local) if key in PATH_KEYS and isinstance(obj, str) else obj
 
 
 def _hub_id(name: Any, recorded_local: bool | None = None) -> str | None:
@@ -144,8 +165,9 @@ def _table(title: str, rows: list[tuple[str, str]]) -> list[str]:
 
 
 def _compression_section(report: dict[str, Any]) -> list[str]:
+    """The card's compression section, from a :func:`publish_paths` report."""
     sp, calib = report.get("sparsity", {}), report.get("calibration") or {}
-    base = _public(report.get("base_model"), report.get("base_model_local"))
+    base = report.get("base_model")
     rows = [("base model", f"`{base}` (weights fingerprint {report.get('base_fingerprint')})"),
             ("method", _describe(report.get("compression")))]
     if calib:
@@ -169,15 +191,16 @@ def _compression_section(report: dict[str, Any]) -> list[str]:
         lines += ["| layer type | sparsity |", "|---|---:|",
                   *(f"| {k} | {v:.2%} |" for k, v in sp["by_type"].items()), ""]
     lines += [f"Configuration (`{COMPRESSION_FILE}`, ctp {report.get('ctp_version')}):", "",
-              _yaml(_public_config(report.get("compression"), ("calib",))), ""]
+              _yaml(report.get("compression")), ""]
     return lines
 
 
 def _prompt_section(meta: dict[str, Any]) -> list[str]:
+    """The card's soft-prompt section, from a :func:`publish_paths` ``ctp_prompt.json``."""
     train, val = meta.get("training_data") or {}, meta.get("validation_data") or {}
     cfg = meta.get("prompt_config") or {}
     rows = [("virtual tokens", f"{meta.get('num_virtual_tokens')} (hidden size {meta.get('hidden_size')})"),
-            ("trained on", f"`{meta.get('compression_label') or 'dense'}` copy of `{_public(meta.get('base_model'))}`"),
+            ("trained on", f"`{meta.get('compression_label') or 'dense'}` copy of `{meta.get('base_model')}`"),
             ("training", (f"{meta.get('steps')} steps of {meta.get('global_batch')} windows of "
                           f"{meta.get('seqlen')} tokens from `{train.get('source')}` (train split)"))]
     lines = _table("Soft prompt", rows)
@@ -191,7 +214,7 @@ def _prompt_section(meta: dict[str, Any]) -> list[str]:
                    "was selected on this split, so the number is optimistic; the test split was never used "
                    "in training (`ctp eval` measures it)."), ""]
     lines += [f"Training configuration (`{PROMPT_FILE}`):", "",
-              _yaml(_public_config(cfg, ("data", "val_data"))), ""]
+              _yaml(cfg), ""]
     return lines
 
 
@@ -258,8 +281,8 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None) -> str:
     cite = (' Made with ctp (Compress, Then Prompt; Xu et al., "Soft Prompt Recovers Compressed LLMs, '
             'Transferably", ICML 2024).')
     body = [f"# {(repo_id or path.resolve().name).split('/')[-1]}", "", what + cite, ""]
-    body += _compression_section(report) if report else []
-    body += _prompt_section(meta) if meta else []
+    body += _compression_section(publish_paths(report)) if report else []
+    body += _prompt_section(publish_paths(meta)) if meta else []
     if stitched.get("ppl"):
         without, with_ = stitched["ppl"].get("without_prompt", {}), stitched["ppl"].get("with_prompt", {})
         body += ["## Perplexity of this pair", "", "| test set | without the prompt | with the prompt |",
@@ -271,7 +294,8 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None) -> str:
 
 
 def _stage(folder: Path, card: str, link: bool) -> tuple[Path, bool]:
-    """Copy ``folder`` (hard links where allowed) into a fresh temp folder; add the card."""
+    """Copy ``folder`` (hard links where allowed) into a fresh temp folder, publish the paths
+    its JSON files name (:func:`_publish_json_files`), and add the card."""
     staged = make_temp_dir(prefix="ctp-push-")
 
     def copy(src: str, dst: str) -> None:
@@ -285,6 +309,7 @@ def _stage(folder: Path, card: str, link: bool) -> tuple[Path, bool]:
     try:  # .git and .cache are refused by the Hub client; the user's README.md is never replaced
         shutil.copytree(folder, staged, dirs_exist_ok=True, copy_function=copy,
                         ignore=shutil.ignore_patterns(".git", ".cache"))
+        _publish_json_files(staged)
         kept = (staged / "README.md").exists()
         if not kept:
             (staged / "README.md").write_text(card, encoding="utf-8")
@@ -292,6 +317,34 @@ def _stage(folder: Path, card: str, link: bool) -> tuple[Path, bool]:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return staged, kept
+
+
+def _publish_json_files(staged: Path) -> list[str]:
+    """Rewrite, in ``staged`` only, each JSON file whose path fields :func:`publish_paths`
+    changes; return the rewritten files (relative paths).
+
+    A rewritten file is a new file: the staged one may be a hard link to the user's, which must
+    not change. Its indentation, key order and final newline are kept; a file that is not valid
+    UTF-8 JSON, or names no local path, stays the very file it was.
+    """
+    rewritten = []
+    for path in sorted(staged.rglob("*.json")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+            obj = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        public = publish_paths(obj)
+        if public == obj:  # unchanged values are the very objects: NaN compares equal here
+            continue
+        indent = re.search(r"\n([ \t]+)\S", text)
+        new = json.dumps(public, indent=indent[1] if indent else None, ensure_ascii=text.isascii())
+        path.unlink()  # break a hard link before writing
+        path.write_text(new + ("\n" if text.endswith("\n") else ""), encoding="utf-8")
+        rewritten.append(path.relative_to(staged).as_posix())
+    return rewritten
 
 
 def _scrub(text: str, token: str | None) -> str:
@@ -338,7 +391,8 @@ def push(folder: str | os.PathLike, repo_id: str, private: bool = False, revisio
         private: create the repo private (an existing repo keeps its visibility).
         revision: a branch to push to, created from the default branch if missing.
         dry_run: stage the folder and its card in a temporary ``ctp-push-*`` folder, left in place
-            for inspection; no network call, nothing uploaded.
+            for inspection: exactly the files an upload sends (local paths in its JSON files
+            already published); no network call, nothing uploaded.
         endpoint: the Hub's URL (default: ``HF_ENDPOINT``, else https://huggingface.co).
         token: a write token (default: ``HF_TOKEN`` or the saved ``hf auth login``).
     """

@@ -1,9 +1,12 @@
-"""Loading models and tokenizers, fingerprints, and the architecture adapter table.
+"""Loading models and tokenizers, fingerprints, and finding a model's decoder layers.
 
-The adapter table is the only place that knows where an architecture keeps its decoder layers.
-Everything else (embeddings, rotary position embeddings, attention masks) is found at run time:
-the calibration loop runs the model's own forward up to the first decoder layer and captures the
-keyword arguments that layer receives, so no per-family code is needed.
+Nothing here is listed per architecture. The decoder layers are found from the model itself: the
+``nn.ModuleList`` whose elements are all of a class the model names in ``_no_split_modules``
+(the blocks transformers' own device maps keep whole). Everything else a layer needs (embeddings,
+rotary position embeddings, attention masks) is captured at run time: the calibration loop runs
+the model's own forward up to the first decoder layer and keeps the keyword arguments that layer
+receives. What ctp cannot handle -- encoder-decoders, mixture-of-experts layers, a model whose
+layers cannot be found -- is refused from its configuration, before any weight is read.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,44 +29,56 @@ from .zoo import resolve_named
 
 log = logging.getLogger(__name__)
 
+# Config fields that announce mixture-of-experts layers: their experts are not nn.Linear modules
+# (transformers 5 fuses them into 3-D weights), so pruning would silently skip most weights.
+_MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
-@dataclass(frozen=True)
-class Arch:
-    """Where one architecture keeps its list of decoder layers (dotted attribute path)."""
-
-    layers: str
-
-
-ARCHS: dict[str, Arch] = {
-    "llama": Arch("model.layers"),
-    "mistral": Arch("model.layers"),
-    "qwen2": Arch("model.layers"),
-    "qwen3": Arch("model.layers"),
-    "gemma": Arch("model.layers"),
-    "phi": Arch("model.layers"),
-    "phi3": Arch("model.layers"),
-    "opt": Arch("model.decoder.layers"),
-    "gpt_neox": Arch("gpt_neox.layers"),
-}
-
-
-def arch_of(model: nn.Module) -> Arch:
-    """The adapter-table row for ``model``; a CTPError naming the architecture if absent."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHS:
-        raise CTPError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHS))}"
-        )
-    return ARCHS[model_type]
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """``(dotted name, ModuleList)`` of the model's decoder layers, or None when there is no
+    single list of blocks of a class named in ``model._no_split_modules``."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module)
+             and all(type(m).__name__ in blocks for m in module)]
+    return found[0] if len(found) == 1 else None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder layers, found through the adapter table."""
-    obj: Any = model
-    for part in arch_of(model).layers.split("."):
-        obj = getattr(obj, part)
-    return obj
+    """The model's decoder layers (see :func:`find_decoder_layers`); a CTPError if not found."""
+    found = find_decoder_layers(model)
+    if found is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise CTPError(f"cannot find the decoder layers of this {model_type or type(model).__name__} "
+                       "model (no single list of the blocks named in its _no_split_modules)")
+    return found[1]
+
+
+def unsupported_reason(config: Any, trust_remote_code: bool = False,
+                       model: nn.Module | None = None) -> str | None:
+    """Why ctp cannot compress or prompt a model of this ``config`` (None when it can): checked
+    on the configuration and on ``model``, or without one on an empty (meta-device) instance,
+    so no weight is read."""
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{model_type} is an encoder-decoder model; ctp handles decoder-only causal LMs"
+    text = getattr(config, "get_text_config", lambda: config)()
+    experts = next((f for f in _MOE_FIELDS if (getattr(text, f, None) or 0) > 1), None)
+    if experts is not None:
+        return (f"{model_type} has mixture-of-experts layers ({experts}={getattr(text, experts)}); "
+                "ctp prunes and prompts dense decoder layers only")
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        except (ValueError, KeyError) as exc:
+            return f"{model_type} is not a causal language model transformers can build ({_why(exc)})"
+    if find_decoder_layers(model) is None:
+        return (f"cannot find the decoder layers of {model_type} (no single list of the blocks "
+                "named in its _no_split_modules)")
+    return None
 
 
 def resolve_model(name: str) -> str:
@@ -101,14 +115,19 @@ def _read_config(name: str, trust_remote_code: bool, revision: str | None = None
 
 
 def check_supported(name: str, trust_remote_code: bool = False) -> Any:
-    """Read the model's config and refuse unsupported architectures before loading weights."""
+    """Read the model's config and refuse what ctp cannot handle, before loading weights."""
     config = _read_config(resolve_model(name), trust_remote_code)
-    if getattr(config, "model_type", None) not in ARCHS:
-        raise CTPError(
-            f"unsupported architecture {config.model_type!r} in {name}; "
-            f"supported: {', '.join(sorted(ARCHS))}"
-        )
+    reason = unsupported_reason(config, trust_remote_code)
+    if reason is not None:
+        raise CTPError(f"unsupported model {name}: {reason}")
     return config
+
+
+def check_model_supported(model: nn.Module) -> None:
+    """:func:`check_supported` for a model already in memory."""
+    reason = unsupported_reason(model.config, model=model)
+    if reason is not None:
+        raise CTPError(f"unsupported model: {reason}")
 
 
 def _from_pretrained(name: str, **kwargs: Any) -> nn.Module:

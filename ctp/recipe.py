@@ -5,8 +5,10 @@ model: embedded                 # the dense base: hub id, folder or 'embedded'
 workdir: ctp-demo               # models/, prompts/ and results/ go here
 compress:                       # name -> CompressConfig fields
   wanda-50pct+nf4: {prune: wanda, sparsity: 0.5, quant: nf4, calib: embedded}
-prompts:                        # name -> the target it is tuned on + PromptConfig fields
+  wanda-2of4+nf4: {prune: wanda, pattern: "2:4", quant: nf4, calib: embedded}
+prompts:                        # name -> the target it is tuned on (or a list) + PromptConfig fields
   p10: {target: wanda-50pct+nf4, config: {num_virtual_tokens: 10, data: embedded, steps: 200}}
+  kv10: {target: [wanda-50pct+nf4, wanda-2of4+nf4], config: {prompt_type: kv, objective: kd}}
 eval: {ppl: [embedded], seqlen: 256}   # EvalConfig fields; every prompt x every model
 ```
 
@@ -44,10 +46,15 @@ TOP_KEYS = {"model", "workdir", "compress", "prompts", "eval"}
 
 @dataclass
 class PromptStep:
-    """One prompt to tune: on which compressed target (or 'dense'), with which settings."""
+    """One prompt to tune: on which compressed target (or 'dense'), or on a list of targets at
+    once (one prompt for several copies), with which settings."""
 
-    target: str
+    target: str | list[str]
     config: PromptConfig
+
+    @property
+    def targets(self) -> list[str]:
+        return self.target if isinstance(self.target, list) else [self.target]
 
 
 @dataclass
@@ -104,9 +111,12 @@ def parse_recipe(data: Any, where: str) -> Recipe:
         at = f"{where}: prompts.{name}"
         if not isinstance(spec, dict) or set(spec) - {"target", "config"}:
             raise CTPError(f"{at}: expected the keys 'target' and 'config'")
-        if spec.get("target") not in compress_steps and spec.get("target") != "dense":
-            raise CTPError(f"{at}: 'target' must name a compress target or 'dense', "
-                           f"got {spec.get('target')!r}")
+        targets = spec.get("target")
+        names = targets if isinstance(targets, list) and targets else [targets]
+        for target in names:
+            if target not in compress_steps and target != "dense":
+                raise CTPError(f"{at}: 'target' must name a compress target or 'dense' (or be a "
+                               f"list of them), got {target!r}")
         prompt_steps[str(name)] = PromptStep(spec["target"], from_dict(PromptConfig, spec.get("config") or {}, where=f"{at}.config"))
     eval_config = from_dict(EvalConfig, data.get("eval") or {}, where=f"{where}: eval")
     if len(eval_config.ppl) != 1:
@@ -140,15 +150,20 @@ def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
     return parse_recipe(apply_sets(data, sets or [], str(path)), str(path))
 
 
-def _done_prompt(folder: Path, config: PromptConfig, target: str) -> bool:
-    """Finished with these settings on this very target (same folder, same compression)."""
+def _done_prompt(folder: Path, config: PromptConfig, targets: list[str]) -> bool:
+    """Finished with these settings on these very targets (same folders, same compressions)."""
     made = read_prompt_meta(folder)
     if not made:
         return False
-    target_meta = read_compression_meta(target) if Path(target).is_dir() else None
-    compression = target_meta["compression"] if target_meta is not None else None
-    return (made.get("prompt_config") == to_dict(config) and made.get("model") == target
-            and made.get("compression") == compression)
+    records = made.get("targets") or [made]
+    if made.get("prompt_config") != to_dict(config) or len(records) != len(targets):
+        return False
+    for record, target in zip(records, targets):
+        target_meta = read_compression_meta(target) if Path(target).is_dir() else None
+        compression = target_meta["compression"] if target_meta is not None else None
+        if record.get("model") != target or record.get("compression") != compression:
+            return False
+    return True
 
 
 def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
@@ -168,13 +183,15 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     prompts: dict[str, str] = {}
     for name, step in recipe.prompts.items():
         folder = recipe.workdir / "prompts" / name
-        target = recipe.model if step.target == "dense" else models[step.target]
-        if _done_prompt(folder, step.config, target):
+        targets = [recipe.model if t == "dense" else models[t] for t in step.targets]
+        if _done_prompt(folder, step.config, targets):
             log.info("tune-prompt %s: done already, skipping", name)
         else:
             resume = resumable(folder, step.config)
-            log.info("tune-prompt %s on %s -> %s%s", name, step.target, folder, " (resuming)" if resume else "")
-            tune_prompt(target, step.config, folder, overwrite=True, resume=resume, progress=progress)
+            log.info("tune-prompt %s on %s -> %s%s", name, " & ".join(step.targets), folder,
+                     " (resuming)" if resume else "")
+            tune_prompt(targets if len(targets) > 1 else targets[0], step.config, folder,
+                        overwrite=True, resume=resume, progress=progress)
         prompts[name] = str(folder)
     if not prompts or not models:
         return {"models": models, "prompts": prompts}
@@ -186,7 +203,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     result = transfer(list(prompts.values()), list(models.values()), data=recipe.eval.ppl[0],
                       split=recipe.eval.split, seqlen=recipe.eval.seqlen, dense=recipe.model,
                       max_windows=recipe.eval.max_windows, batch_size=recipe.eval.batch_size,
-                      device=str(resolve_device(recipe.eval.device)),
+                      device=str(resolve_device(recipe.eval.device)), bos=recipe.eval.bos,
                       progress=progress)
     result["recipe_key"] = key
     write_transfer(result, results, overwrite=True)

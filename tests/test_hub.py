@@ -114,8 +114,9 @@ def hub(monkeypatch):
     from huggingface_hub import constants
     from huggingface_hub.utils import close_session
 
+    # an offline user's shell (HF_HUB_OFFLINE=1) must not reach the CLI processes these tests start
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
-                "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+                "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/ctp-test-token")  # no saved login
@@ -156,11 +157,33 @@ def artifacts(tmp_path_factory, tokenizer):
                                         eval_every=2, eval_windows=4, data="embedded"),
                 root / "prompt", train_ids=text, val_ids=text[:1000], progress=False)
     save_stitched(str(root / "prompt"), str(comp), root / "pair")
-    return {"compressed": comp, "prompt": root / "prompt", "pair": root / "pair", "root": root}
+    # every folder of this machine that these artifacts can name lies under the base temp folder
+    return {"compressed": comp, "prompt": root / "prompt", "pair": root / "pair", "root": root,
+            "local": str(tmp_path_factory.getbasetemp())}
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _published(text: str, local: str) -> str:
+    """``text`` (a JSON file) as an upload must carry it, computed here without ctp: each JSON
+    string that is a path under ``local`` replaced by its last component, nothing else touched."""
+    path = re.compile('"(' + re.escape(local) + r'(?:/[^"]*)?)"')
+    return path.sub(lambda m: json.dumps(Path(m[1]).name), text)
+
+
+def _assert_published(uploaded: dict[str, bytes], folder: Path, local: str) -> None:
+    """What reached the Hub is ``folder`` with every local path in its JSON files cut to its
+    folder's name and otherwise byte for byte (indentation, key order and numbers included),
+    plus the card; nothing in it names a folder under ``local``."""
+    mine = _tree(folder)
+    assert sorted(set(uploaded) - {"README.md"}) == sorted(mine)
+    for name, data in mine.items():
+        want = _published(data.decode(), local).encode() if name.endswith(".json") else data
+        assert uploaded[name] == want, name
+    for name, data in uploaded.items():
+        assert local.encode() not in data, name
 
 
 def _card_data(text: str) -> dict:
@@ -187,6 +210,7 @@ def test_compressed_folder_arrives_byte_identical_with_its_card(hub, artifacts, 
     result = push(folder, "alice/tiny-wanda", endpoint=hub.endpoint, token=TOKEN,
                   commit_message="first upload")
     uploaded = hub.files[("alice/tiny-wanda", "main")]
+    _assert_published(uploaded, folder, artifacts["local"])  # its base is a Hub id: nothing to cut
     assert {k: v for k, v in uploaded.items() if k != "README.md"} == _tree(folder)
     assert sorted(uploaded) == result.files and "model.safetensors" in uploaded
     data = _card_data(uploaded["README.md"].decode())
@@ -214,14 +238,19 @@ def test_compressed_folder_arrives_byte_identical_with_its_card(hub, artifacts, 
 def test_prompt_folder_to_a_private_repo_on_a_branch(hub, artifacts, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # the usual place, read by huggingface_hub itself
     folder = artifacts["prompt"]
+    before = _tree(folder)
     result = push(folder, "alice/tiny-prompt", private=True, revision="v1")  # endpoint: HF_ENDPOINT
+    assert _tree(folder) == before  # staged through hard links: the rewritten files are new ones
     assert [(r["method"], r["path"]) for r in hub.requests if "validate" not in r["path"]] == [
         ("POST", "/api/repos/create"), ("POST", "/api/models/alice/tiny-prompt/branch/v1"),
         ("POST", "/api/models/alice/tiny-prompt/preupload/v1"),
         ("POST", "/api/models/alice/tiny-prompt/commit/v1")]
     assert json.loads(hub.requests[0]["body"])["visibility"] == "private"
     uploaded = hub.files[("alice/tiny-prompt", "v1")]
-    assert {k: v for k, v in uploaded.items() if k != "README.md"} == _tree(folder)
+    _assert_published(uploaded, folder, artifacts["local"])
+    adapter, sent = json.loads(uploaded["adapter_config.json"]), json.loads(uploaded["ctp_prompt.json"])
+    assert adapter["base_model_name_or_path"] == sent["model"] == "compressed"  # the folder's name
+    assert sent["base_model"] == BASE  # a Hub id stays
     data = _card_data(uploaded["README.md"].decode())
     assert data["library_name"] == "peft" and data["base_model_relation"] == "adapter"
     assert data["base_model"] == BASE and {"ctp", "soft-prompt", "wanda"} <= set(data["tags"])
@@ -249,8 +278,12 @@ def test_dry_run_sends_nothing_and_leaves_the_staged_folder(hub, artifacts):
         set_client_factory(default_client_factory)
     try:
         assert hub.requests == [] and result.url is None and result.kind == "stitched pair"
-        staged = _tree(result.staged)
-        assert {k: v for k, v in staged.items() if k != "README.md"} == _tree(artifacts["pair"])
+        staged = _tree(result.staged)  # exactly what an upload sends
+        _assert_published(staged, artifacts["pair"], artifacts["local"])
+        stitch = json.loads(staged["ctp_stitch.json"])
+        assert (stitch["model"], stitch["prompt"]) == ("compressed", "prompt")
+        assert json.loads(staged["prompt/adapter_config.json"])["base_model_name_or_path"] == "compressed"
+        assert json.loads(staged["ctp_compression.json"])["base_model"] == BASE
         assert "prompt/adapter_model.safetensors" in staged and sorted(staged) == result.files
         from huggingface_hub import ModelCard
 
@@ -267,6 +300,46 @@ def test_dry_run_sends_nothing_and_leaves_the_staged_folder(hub, artifacts):
         assert not any(TOKEN.encode() in v for v in staged.values())
     finally:
         shutil.rmtree(result.staged)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "compressed", "pair"])
+def test_an_upload_names_no_local_folder_and_the_users_files_stay(hub, artifacts, tmp_path, kind):
+    """A local base model, calibration and training files, the model a prompt was tuned on and
+    the pair's sources reach the Hub as their folders' names (a Hub id as it is), in a dry run's
+    staged copy and in the real upload alike; the folder on disk keeps its local paths."""
+    folder = tmp_path / "mine" / kind
+    shutil.copytree(artifacts["prompt" if kind == "prompt" else kind], folder)
+    meta_file = {"prompt": "ctp_prompt.json", "compressed": "ctp_compression.json",
+                 "pair": "prompt/ctp_prompt.json"}[kind]
+    meta = json.loads((folder / meta_file).read_text())
+    if kind == "compressed":  # as compress() records a local base and a local calibration file
+        meta.update(base_model=str(tmp_path / "bases" / "my-base"), base_model_local=True)
+        meta["compression"]["calib"] = str(tmp_path / "texts" / "notes.txt")
+    else:  # as tune_prompt() records local training and validation files
+        meta["prompt_config"].update(data=str(tmp_path / "texts" / "train.txt"),
+                                     val_data=str(tmp_path / "texts" / "val.txt"))
+    (folder / meta_file).write_text(json.dumps(meta, indent=2) + "\n")
+    before = _tree(folder)
+    assert artifacts["local"].encode() in before[meta_file]
+
+    dry = push(folder, "alice/mine", dry_run=True, endpoint=hub.endpoint, token=TOKEN)
+    try:
+        staged = _tree(dry.staged)
+    finally:
+        shutil.rmtree(dry.staged)
+    push(folder, "alice/mine", endpoint=hub.endpoint, token=TOKEN)
+    uploaded = hub.files[("alice/mine", "main")]
+    assert staged == uploaded  # the dry run shows the exact upload
+    _assert_published(uploaded, folder, artifacts["local"])
+    assert _tree(folder) == before  # the user's files keep their local paths
+    sent = json.loads(uploaded[meta_file])
+    if kind == "compressed":
+        assert (sent["base_model"], sent["compression"]["calib"]) == ("my-base", "notes.txt")
+        assert sent["base_model_local"] is True and sent["bits_per_weight"] == meta["bits_per_weight"]
+    else:
+        assert (sent["prompt_config"]["data"], sent["prompt_config"]["val_data"]) == ("train.txt", "val.txt")
+        assert sent["model"] == "compressed" and sent["base_model"] == BASE
+        assert sent["history"] == meta["history"] and sent["best_val_ppl"] == meta["best_val_ppl"]
 
 
 def test_own_readme_is_kept(hub, artifacts, tmp_path):
@@ -395,6 +468,7 @@ def test_cli_push_dry_run_upload_and_401(hub, artifacts):
     try:
         assert hub.requests == [] and "dry run, nothing uploaded" in done.stderr
         assert (staged / "README.md").read_text() == result["card"] and result["kind"] == "prompt"
+        _assert_published(_tree(staged), artifacts["prompt"], artifacts["local"])
     finally:
         shutil.rmtree(staged)
 

@@ -11,6 +11,7 @@ from conftest import ARCH_NAMES, calib_ids, tiny_config, tiny_model
 from ctp.errors import CTPError
 from ctp.lm import (PromptCache, build_prompt_cache, decode, prompted_logits, token_nlls, token_picker,
                     window_nlls)
+from ties import GREEDY_ATOL, GREEDY_FLIPS, TieBudget
 
 N = 7  # virtual tokens
 
@@ -26,12 +27,25 @@ def prepended_logits(model, prompt, ids):
         return model(inputs_embeds=torch.cat([prompt.unsqueeze(0), emb], 1)).logits[0, prompt.shape[0]:]
 
 
-def naive_greedy(model, prompt, ids, steps):
-    """Greedy decoding by full forward passes over [prompt, ids, new], no cache."""
+def naive_greedy(model, prompt, ids, steps, follow=None, ties=None):
+    """Greedy decoding by full forward passes over [prompt, ids, new], no cache. ``follow``:
+    the tokens under test, each checked by ``ties`` to be the argmax here or a near-tie with
+    it, and then taken, so that the next step is compared on the same text."""
     new = []
-    for _ in range(steps):
-        new.append(int(prepended_logits(model, prompt, torch.tensor(ids + new))[-1].argmax()))
+    for t in range(steps):
+        logits = prepended_logits(model, prompt, torch.tensor(ids + new))[-1]
+        new.append(ties.token(follow[t], logits, f"step {t}") if follow and t < len(follow)
+                   else int(logits.argmax()))
     return new
+
+
+def assert_greedy(got, model, prompt, ids, steps, ties):
+    """``got`` is what naive greedy decoding gives, but for near-ties (checked by ``ties``)."""
+    assert got == naive_greedy(model, prompt, ids, steps, follow=got, ties=ties)
+
+
+def greedy_ties(what):
+    return TieBudget(GREEDY_FLIPS, atol=GREEDY_ATOL, what=what)
 
 
 def left_padded(rows, pad=3):
@@ -81,13 +95,13 @@ def test_greedy_decoding_equals_the_prepended_prompt(arch):
     model, prompt = tiny_model(arch), random_prompt()
     rows = [calib_ids(1, length, seed=length)[0].tolist() for length in (4, 13)]
     cache = build_prompt_cache(model, prompt)
-    want = [naive_greedy(model, prompt, row, 8) for row in rows]
+    ties = greedy_ties(arch)
     ids, mask = left_padded(rows)
     batched = torch.stack(list(decode(model, ids, cache, mask, max_new_tokens=8)), dim=1)
-    assert batched.tolist() == want
-    for row, expected in zip(rows, want):  # unbatched, no mask
+    for row, got in zip(rows, batched.tolist()):
+        assert_greedy(got, model, prompt, row, 8, ties)
         alone = [int(t) for t in decode(model, torch.tensor([row]), cache, max_new_tokens=8)]
-        assert alone == expected
+        assert_greedy(alone, model, prompt, row, 8, ties)  # unbatched, no mask
 
 
 @pytest.mark.parametrize("arch, settings, layer_types", [
@@ -117,8 +131,8 @@ def test_sliding_window_layers_keep_what_they_would_after_the_prompt(arch, setti
     torch.testing.assert_close(window_nlls(model, windows, cache, batch_size=2), prepended,
                                rtol=1e-5, atol=1e-6)
     row = windows[0, :6].tolist()
-    assert [int(t) for t in decode(model, torch.tensor([row]), cache, max_new_tokens=6)] == \
-        naive_greedy(model, prompt, row, 6)
+    got = [int(t) for t in decode(model, torch.tensor([row]), cache, max_new_tokens=6)]
+    assert_greedy(got, model, prompt, row, 6, greedy_ties(arch))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
@@ -164,7 +178,7 @@ def test_a_four_bit_compressed_model_scores_and_decodes_like_the_prepended_promp
     assert math.exp(cached.mean()) == pytest.approx(math.exp(prepended.mean()), rel=1e-5)
     row = windows[0, :5].tolist()
     got = [int(t) for t in decode(model, torch.tensor([row]), build_prompt_cache(model, prompt), max_new_tokens=6)]
-    assert got == naive_greedy(model, prompt, row, 6)
+    assert_greedy(got, model, prompt, row, 6, greedy_ties("nf4"))
 
 
 def test_decoding_stops_rows_at_eos_and_pads_them():

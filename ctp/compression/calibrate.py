@@ -22,30 +22,51 @@ class _Captured(Exception):
     """Raised by the capture hook to stop the forward pass at the first decoder layer."""
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested tuples / lists / dicts to ``device``."""
+def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor inside nested tuples / lists / dicts to ``device`` (floating ones also
+    to ``dtype`` when given)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
+        return tuple(to_device(o, device, dtype) for o in obj)
     if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
+        return [to_device(o, device, dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
     return obj
+
+
+def cast_parameters_(module: nn.Module, dtype: torch.dtype | dict[str, torch.dtype]) -> dict[str, torch.dtype]:
+    """Cast ``module``'s plain floating parameters in place to ``dtype`` -- one dtype, or the
+    ``{name: dtype}`` a previous call returned (parameters it does not name are left alone) --
+    and return the dtypes they had, by name. Buffers and quantized parameters (bitsandbytes'
+    own types) are left as they are."""
+    before = {}
+    for name, param in module.named_parameters():
+        if type(param) is not nn.Parameter or not param.is_floating_point():
+            continue
+        target = dtype.get(name) if isinstance(dtype, dict) else dtype
+        before[name] = param.dtype
+        if target is not None and param.dtype != target:
+            param.data = param.data.to(target)
+    return before
 
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, ids: torch.Tensor, device: torch.device, progress: bool = True
+    model: nn.Module, ids: torch.Tensor, device: torch.device, progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run the model up to its first decoder layer on each window and keep what that layer gets.
 
     The model's own forward computes embeddings, rotary position embeddings and the attention
-    mask, so this works for every architecture in the adapter table.
+    mask, so this works for every decoder-only family.
 
     Args:
         ids: calibration token ids ``[nsamples, seqlen]``.
+        dtype: the work dtype: the embeddings' output is cast to it, so what the model computes
+            from it before the first layer (rotary tables, masks, Gemma's scaling) is computed in
+            it, as if the model were held in that dtype (None: the model's own).
     Returns:
         hidden states ``[nsamples, seqlen, hidden]`` on ``device`` and the layer's keyword
         arguments (same for every window: equal lengths, no padding), on ``device``.
@@ -61,7 +82,10 @@ def capture_layer_inputs(
         raise _Captured
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    embed_device = model.get_input_embeddings().weight.device
+    embed = model.get_input_embeddings()
+    cast = (embed.register_forward_hook(lambda module, args, out: out.to(dtype))
+            if dtype is not None else None)
+    embed_device = embed.weight.device
     hidden_states = None
     kwargs: dict[str, Any] = {}
     try:
@@ -75,10 +99,12 @@ def capture_layer_inputs(
                 hidden_states = torch.empty(
                     (ids.shape[0], *hidden.shape[1:]), dtype=hidden.dtype, device=device
                 )
-                kwargs = to_device(seen["kwargs"], device)
+                kwargs = to_device(seen["kwargs"], device, dtype)
             hidden_states[i] = hidden[0].to(device)
     finally:
         handle.remove()
+        if cast is not None:
+            cast.remove()
     kwargs.pop("use_cache", None)
     return hidden_states, kwargs
 
@@ -114,10 +140,14 @@ def layer_by_layer(
     process: Callable[[int, nn.Module, Callable[[], None] | None], None],
     batch_size: int = 8,
     progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Sequential compression: for each decoder layer, call ``process(index, layer, run)``.
 
-    The layer is on ``device`` during the call. ``run()`` feeds every calibration window through
+    The layer is on ``device`` during the call, its parameters in the work ``dtype`` (None: as
+    held); afterwards its unquantized parameters return to the dtype the model holds them in, so
+    the model stays in its stored dtype and only one layer at a time is ever in the work dtype
+    (a 7B fp16 checkpoint compressed on a CPU never exists in float32 whole). ``run()`` feeds every calibration window through
     the layer (so forward hooks ``process`` registers see them all). After ``process`` returns
     (having, e.g., pruned and quantized the layer), the layer is run again to produce the next
     layer's inputs: layer ``i`` is calibrated on the outputs of the already-processed layers
@@ -126,16 +156,19 @@ def layer_by_layer(
     layers = decoder_layers(model)
     inputs = outputs = None
     if ids is not None:
-        inputs, kwargs = capture_layer_inputs(model, ids, device, progress)
+        inputs, kwargs = capture_layer_inputs(model, ids, device, progress, dtype)
         outputs = torch.empty_like(inputs)
     for index in tqdm(range(len(layers)), desc="layers", disable=not progress):
         layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
+        held = cast_parameters_(layer, dtype) if dtype is not None else None
         if inputs is None:
             process(index, layer, None)
         else:
             process(index, layer, lambda x=inputs, m=layer: run_layer(m, x, kwargs, batch_size))
             run_layer(layer, inputs, kwargs, batch_size, outputs)
             inputs, outputs = outputs, inputs
+        if held is not None:
+            cast_parameters_(layer, held)
         layer.to(home)

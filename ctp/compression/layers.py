@@ -36,6 +36,7 @@ class Plan:
     skip: list[str] = field(default_factory=list)  # modules left unquantized
     compute_dtype: torch.dtype = torch.float32
     stored_dtype: torch.dtype = torch.float16
+    work_dtype: torch.dtype | None = None  # each layer's dtype while it is compressed (None: as held)
 
     @property
     def norms(self) -> bool:
@@ -176,7 +177,7 @@ def compress_layers_(model: nn.Module, plan: Plan, calibration: torch.Tensor | N
         disable_cpu_packing_(layer)  # the next run is inference: no repacking (see runtime)
 
     layer_by_layer(model, calibration if plan.calibrated else None, device, process,
-                   plan.config.calib_batch_size, progress)
+                   plan.config.calib_batch_size, progress, plan.work_dtype)
     return counts
 
 

@@ -17,7 +17,8 @@ from ..artifacts import COMPRESSION_FILE, atomic_dir, check_output_dir, compress
 from ..config import CompressConfig, to_dict
 from ..data import calibration_ids, source_label
 from ..errors import CTPError
-from ..models import check_supported, decoder_layers, load_model, load_tokenizer, weights_fingerprint
+from ..lm import bos_token
+from ..models import check_model_supported, check_supported, load_model, load_tokenizer, weights_fingerprint
 from ..runtime import TORCH_DTYPES, compute_dtype_for, peak_memory, require_bnb, resolve_device
 from ..zoo import NAMED_MODELS
 from .layers import Plan, compress_layers_
@@ -62,12 +63,17 @@ def _calibration(plan: Plan, model: nn.Module, tokenizer: Any,
     if tokenizer is None:
         raise CTPError(f"{config.label()} needs calibration text: a tokenizer or a calibration tensor")
     context = getattr(model.config, "max_position_embeddings", None) or 2048
-    seqlen = config.seqlen or min(context, 2048)
-    if seqlen > context:
-        raise CTPError(f"calibration seqlen {seqlen} exceeds the model's context of {context}")
+    bos = bos_token(config.bos, model.config, tokenizer)
+    extra = int(bos is not None)
+    seqlen = config.seqlen or min(context, 2048) - extra
+    if seqlen + extra > context:
+        raise CTPError(f"calibration seqlen {seqlen}{' plus BOS' if extra else ''} exceeds the "
+                       f"model's context of {context}")
     ids = calibration_ids(tokenizer, config.calib, config.nsamples, seqlen, config.seed)
+    if bos is not None:  # the rule: BOS before every window, as the model will read them
+        ids = torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], dim=1)
     return ids, {"source": source_label(config.calib), "nsamples": config.nsamples,
-                 "seqlen": seqlen, "seed": config.seed}
+                 "seqlen": seqlen, "seed": config.seed, "bos_token_id": bos}
 
 
 def compress(
@@ -111,13 +117,16 @@ def compress(
     if config.quant != "none":
         require_bnb(device, config.quant)
     model, name, tokenizer, stored_dtype = _load(model, config, device, tokenizer)
+    work_dtype = (TORCH_DTYPES[config.dtype] if config.dtype != "auto"
+                  else torch.float32 if device.type == "cpu" else stored_dtype)
     check_prunable(model, config)
     fingerprint = weights_fingerprint(model)
     dense_params = sum(p.numel() for p in model.parameters())
     skipped = modules_to_skip(model, config.quant) if config.quant != "none" else []
     plan = Plan(config, quantize=config.quant != "none", skip=skipped, stored_dtype=stored_dtype,
                 compute_dtype=(TORCH_DTYPES[config.compute_dtype] if config.compute_dtype != "auto"
-                               else compute_dtype_for(device)))
+                               else compute_dtype_for(device)),
+                work_dtype=work_dtype)
     ids, calib_record = _calibration(plan, model, tokenizer, calibration)
     layers_started = time.time()
     counts = compress_layers_(model, plan, ids, device, progress)
@@ -159,22 +168,21 @@ def compress(
 
 def _load(model: str | nn.Module, config: CompressConfig, device: torch.device,
           tokenizer: Any) -> tuple[nn.Module, str, Any, torch.dtype]:
-    """The model to compress (on the CPU, in the work dtype), its name, its tokenizer, and the
-    dtype its checkpoint stores (what the output stores too)."""
+    """The model to compress (on the CPU, in the dtype its checkpoint stores: one decoder layer
+    at a time is cast to the work dtype, :func:`ctp.compression.calibrate.layer_by_layer`), its
+    name, its tokenizer, and that stored dtype (what the output stores too)."""
     if isinstance(model, str):
         name = model
         hf_config = check_supported(name, config.trust_remote_code)
         stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         stored_dtype = TORCH_DTYPES.get(str(stored).replace("torch.", ""), torch.float16)
-        work_dtype = (TORCH_DTYPES[config.dtype] if config.dtype != "auto"
-                      else torch.float32 if device.type == "cpu" else stored_dtype)
-        model = load_model(name, dtype=work_dtype, device="cpu",
+        model = load_model(name, dtype=stored_dtype, device="cpu",
                            trust_remote_code=config.trust_remote_code, revision=config.revision)
         if tokenizer is None:
             tokenizer = load_tokenizer(name, config.trust_remote_code, config.revision)
     else:
         name = getattr(model.config, "_name_or_path", "") or "in-memory model"
-        decoder_layers(model)  # refuses unsupported architectures
+        check_model_supported(model)
         stored_dtype = next(model.parameters()).dtype
         if any(type(m) is not nn.Linear and isinstance(m, nn.Linear) for m in model.modules()):
             raise CTPError("the model given is already quantized; compress its dense base")

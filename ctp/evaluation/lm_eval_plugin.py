@@ -29,12 +29,14 @@ from lm_eval.models.utils import resolve_max_length
 from lm_eval.models.utils_hf import stop_sequences_criteria
 from torch import nn
 
-from ..artifacts import is_quantized_dir, load_prompt_embeddings, read_compression_meta, read_prompt_meta
+from ..artifacts import is_quantized_dir, read_compression_meta, read_prompt_meta
 from ..compression.pipeline import compress
 from ..config import CompressConfig, from_dict
 from ..errors import CTPError
-from ..lm import PromptCache, build_prompt_cache, decode, prompted_logits, stop_token_ids, token_picker
+from ..config import BOS_RULES
+from ..lm import PromptCache, bos_token, decode, prompted_logits, stop_token_ids, token_picker
 from ..models import load_any, load_tokenizer, resolve_model
+from ..prompt.kinds import SoftPrompt, context_of, load_prompt
 from ..prompt.stitch import check_compatible
 from ..runtime import ready_for_device_, resolve_device, torch_dtype
 from .lm_eval_registry import register  # noqa: F401  (re-exported: tests and launchers call it)
@@ -66,14 +68,14 @@ def _compress_in_memory(pretrained: str, args: dict[str, Any], device: torch.dev
 
 
 def _attach_prompt(prompt_dir: str, model: nn.Module, model_name: str, tokenizer: Any,
-                   report: dict[str, Any] | None) -> tuple[torch.Tensor, list[str]]:
-    """The prompt ``[n, hidden]`` in ``prompt_dir``, after ctp's stitch checks against ``model``.
+                   report: dict[str, Any] | None) -> tuple[SoftPrompt, list[str]]:
+    """The prompt (either kind) in ``prompt_dir``, after ctp's stitch checks against ``model``.
 
     ``report`` is the in-memory compression report: its base fingerprint stands in for the
     ``ctp_compression.json`` that ``check_compatible`` reads from a folder (the fingerprint of
     freshly pruned weights is not the base's, which would be a false warning).
     """
-    embeddings = load_prompt_embeddings(prompt_dir)
+    embeddings = load_prompt(prompt_dir)
     meta = read_prompt_meta(prompt_dir)
     checked = meta if report is None else {k: v for k, v in meta.items() if k != "base_fingerprint"}
     warnings = check_compatible(prompt_dir, embeddings, checked, model_name, model, tokenizer)
@@ -100,10 +102,18 @@ class CTPLM(HFLM):
     def __init__(self, pretrained: str, prompt: str | None = None, device: str | None = None,
                  dtype: str | torch.dtype | None = "auto", batch_size: int | str = 1,
                  max_batch_size: int | None = 64, max_length: int | None = None,
-                 trust_remote_code: bool = False, **kwargs: Any) -> None:
+                 trust_remote_code: bool = False, bos: str = "auto", **kwargs: Any) -> None:
         """``pretrained``: a compressed or dense folder, hub id or ``embedded`` (the base model
-        when compressing); ``prompt``: a prompt folder; ``device``: default cuda if available;
-        ``dtype``: auto = float32 on a CPU; other ``kwargs``: :data:`COMPRESS_ARGS` or HFLM's."""
+        when compressing); ``prompt``: a prompt folder (either kind); ``device``: default cuda
+        if available; ``dtype``: auto = float32 on a CPU; ``bos``: ctp's BOS rule (auto,
+        always, never; :func:`ctp.lm.bos_token`) -- with a BOS every request starts with it and
+        a prompt stands after it; without, no BOS is added (where lm-eval would let the
+        tokenizer decide); other ``kwargs``: :data:`COMPRESS_ARGS` or HFLM's."""
+        if bos not in BOS_RULES:
+            raise CTPError(f"unknown bos={bos!r}; choose from {', '.join(BOS_RULES)}")
+        if "add_bos_token" in kwargs:
+            raise CTPError("--model ctp sets BOS by its rule: give bos=auto|always|never, "
+                           "not add_bos_token")
         compress_args = {k: kwargs.pop(k) for k in COMPRESS_ARGS if k in kwargs}
         if "peft" in kwargs or "delta" in kwargs:
             raise CTPError("model_args peft=/delta= are not used by --model ctp; give prompt=FOLDER")
@@ -134,17 +144,21 @@ class CTPLM(HFLM):
             meta = read_compression_meta(folder) if folder.is_dir() else None
             label = meta["label"] if meta is not None else None
         self._base = model
-        self._prompt: torch.Tensor | None = None
+        self._prompt: SoftPrompt | None = None
         self._prompt_cache: PromptCache | None = None
+        self._bos = bos_token(bos, model.config, tokenizer)
         warnings: list[str] = []
         if prompt is not None:
             self._prompt, warnings = _attach_prompt(str(prompt), model, pretrained, tokenizer, report)
-        self.num_virtual_tokens = 0 if self._prompt is None else self._prompt.shape[0]
+        self.num_virtual_tokens = 0 if self._prompt is None else self._prompt.num_virtual_tokens
         self.ctp_info = {"pretrained": pretrained, "prompt": prompt, "compression": label,
                          "compressed_in_memory": report is not None,
-                         "num_virtual_tokens": self.num_virtual_tokens, "warnings": warnings}
+                         "prompt_type": None if self._prompt is None else self._prompt.kind,
+                         "num_virtual_tokens": self.num_virtual_tokens, "bos_token_id": self._bos,
+                         "warnings": warnings}
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                         max_batch_size=max_batch_size, max_length=max_length, **kwargs)
+                         max_batch_size=max_batch_size, max_length=max_length,
+                         add_bos_token=self._bos is not None, **kwargs)
         context = resolve_max_length(self.config, self.tokenizer, default=self._DEFAULT_MAX_LENGTH)
         if self.num_virtual_tokens and self.max_length + self.num_virtual_tokens > context:
             raise CTPError(f"max_length {self.max_length} plus {self.num_virtual_tokens} virtual "
@@ -166,20 +180,38 @@ class CTPLM(HFLM):
 
     @property
     def prompt_cache(self) -> PromptCache | None:
-        """The prompt's keys and values, built on first use (after HFLM has placed the model)."""
+        """BOS (per the rule) and the prompt's keys and values, built on first use (after HFLM
+        has placed the model)."""
         if self._prompt is not None and self._prompt_cache is None:
             with self._autocast():
-                self._prompt_cache = build_prompt_cache(self._base, self._prompt)
+                self._prompt_cache = context_of(self._base, self._prompt, self._bos)
         return self._prompt_cache
+
+    def _leading_bos(self, inps: torch.Tensor, first: torch.Tensor) -> None:
+        """With a BOS rule, every request starts with BOS (HFLM adds it): refuse one that does not."""
+        if not bool((first == self._bos).all()):
+            raise CTPError("--model ctp with a BOS and a prompt needs every request to start with "
+                           "BOS; a request does not (a task that strips special tokens?)")
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[batch, T, vocab]`` of ``inps`` ``[batch, T]`` (right-padded by HFLM) read
-        after the prompt's cache: no virtual positions, so HFLM's slicing needs no offset."""
-        if self.prompt_cache is None:
+        after the prompt's cache: no virtual positions, so HFLM's slicing needs no offset.
+
+        With a BOS, the requests' leading BOS is the cache's (BOS, prompt, text); its position's
+        logits are what the model predicts from BOS alone, as without the prompt: the prompt
+        never earns the first token.
+        """
+        cache = self.prompt_cache
+        if cache is None:
             return super()._model_call(inps, attn_mask, labels)
         with torch.no_grad(), self._autocast():
-            return prompted_logits(self._base, inps, self.prompt_cache)[0]
+            if self._bos is None:
+                return prompted_logits(self._base, inps, cache)[0]
+            self._leading_bos(inps, inps[:, 0])
+            rest = prompted_logits(self._base, inps[:, 1:], cache)[0]
+            first = cache.bos_logits.to(rest.device, rest.dtype).expand(inps.shape[0], 1, -1)
+            return torch.cat([first, rest], dim=1)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
                         **generation_kwargs: Any) -> torch.Tensor:
@@ -194,6 +226,12 @@ class CTPLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         mask = generation_kwargs.pop("attention_mask", None)
         mask = None if mask is None else mask.to(context.device)
+        if self._bos is not None:  # each row's (left-padded) BOS is the cache's: mask it out
+            mask = torch.ones_like(context) if mask is None else mask.clone()
+            first = mask.argmax(dim=1)
+            rows = torch.arange(context.shape[0], device=context.device)
+            self._leading_bos(context, context[rows, first])
+            mask[rows, first] = 0
         pick = self._picker(generation_kwargs)
         stopping = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
         eos = stop_token_ids(self._base, self.tokenizer)

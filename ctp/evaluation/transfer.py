@@ -12,13 +12,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import (COMPRESSION_FILE, atomic_dir, load_prompt_embeddings, read_compression_meta,
-                         read_json, read_prompt_meta, write_json)
+from ..artifacts import COMPRESSION_FILE, atomic_dir, read_compression_meta, read_json, read_prompt_meta, write_json
 from ..data import load_text, source_label, tokenize
 from ..errors import CTPError
-from ..lm import default_seqlen
+from ..lm import bos_token, default_seqlen
 from ..models import load_any, load_tokenizer
 from ..plots import plot_heatmap
+from ..prompt.kinds import context_of, load_prompt
 from ..prompt.stitch import check_compatible
 from .perplexity import perplexity_of_ids
 
@@ -40,10 +40,16 @@ def model_label(model_dir: str) -> str:
 
 
 def prompt_label(prompt_dir: str) -> str:
-    """A prompt's short name: ``p<n>@<what it was tuned on>``, else its folder's name."""
+    """A prompt's short name, ``<kind><n>[-<objective>]@<what it was tuned on>`` (``p10@...``:
+    an input prompt of 10 tokens trained with next-token loss; ``kv10-kd@...``: a key/value prompt
+    trained by distillation), else its folder's name."""
     meta = read_prompt_meta(prompt_dir)
     trained_on = meta.get("compression_label")
-    return f"p{meta['num_virtual_tokens']}@{trained_on}" if trained_on else Path(prompt_dir).name
+    if not trained_on:
+        return Path(prompt_dir).name
+    kind = "kv" if meta.get("prompt_type") == "kv" else "p"
+    objective = meta.get("objective", "nll")
+    return f"{kind}{meta['num_virtual_tokens']}{'' if objective == 'nll' else '-' + objective}@{trained_on}"
 
 
 def transfer(
@@ -57,6 +63,7 @@ def transfer(
     batch_size: int = 1,
     device: str = "auto",
     progress: bool = True,
+    bos: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate every prompt on every model (and each model bare, and the dense base).
 
@@ -64,14 +71,15 @@ def transfer(
         dense: the uncompressed base for the recovered share; default: the ``base_model`` named
             in the first model's ``ctp_compression.json``.
         seqlen: one window length for every cell; default: the first model's context (at most
-            4096) less the longest prompt.
+            4096) less the longest prompt (and BOS).
+        bos: the BOS rule, the same for every cell (:func:`ctp.lm.bos_token`).
     Returns:
         ``{"data", "split", "seqlen", "dense", "models", "prompts", "cells"}`` where
         ``cells[i][j]`` is prompt ``j`` on model ``i``: ``{"ppl", "recovered"}`` or ``{"error"}``.
     """
     if not prompts or not models:
         raise CTPError("give at least one prompt and one model")
-    tensors = {p: load_prompt_embeddings(p) for p in prompts}  # every artifact read and checked
+    tensors = {p: load_prompt(p) for p in prompts}  # every artifact read and checked
     metas = {p: read_prompt_meta(p) for p in prompts}  # before any model is evaluated
     labels = {m: model_label(m) for m in models}
     if dense is None:
@@ -80,13 +88,16 @@ def transfer(
             raise CTPError(f"{models[0]} has no {COMPRESSION_FILE}: name the dense base with --dense")
         dense = first["base_model"]
     text = load_text(data, split)
-    longest = max(t.shape[0] for t in tensors.values())
+    longest = max(t.num_virtual_tokens for t in tensors.values())
 
     dense_model = load_any(dense, device=device)
+    dense_tokenizer = load_tokenizer(dense)
+    dense_bos = bos_token(bos, dense_model.config, dense_tokenizer)
     if seqlen is None:
-        seqlen = default_seqlen(dense_model, longest)
-    ids = tokenize(load_tokenizer(dense), text)
-    dense_ppl = perplexity_of_ids(dense_model, ids, seqlen, batch_size=batch_size, max_windows=max_windows,
+        seqlen = default_seqlen(dense_model, longest + int(dense_bos is not None))
+    ids = tokenize(dense_tokenizer, text)
+    dense_ppl = perplexity_of_ids(dense_model, ids, seqlen, context_of(dense_model, None, dense_bos),
+                                  batch_size=batch_size, max_windows=max_windows,
                                   progress=progress, desc="dense").ppl
     del dense_model
     rows, cells = [], []
@@ -94,7 +105,9 @@ def transfer(
         model = load_any(model_dir, device=device)
         tokenizer = load_tokenizer(model_dir)
         model_ids = tokenize(tokenizer, text)
-        bare = perplexity_of_ids(model, model_ids, seqlen, batch_size=batch_size, max_windows=max_windows,
+        bos_id = bos_token(bos, model.config, tokenizer)
+        bare = perplexity_of_ids(model, model_ids, seqlen, context_of(model, None, bos_id),
+                                 batch_size=batch_size, max_windows=max_windows,
                                  progress=progress, desc=labels[model_dir]).ppl
         rows.append({"model": model_dir, "label": labels[model_dir], "ppl": bare,
                      "gap_vs_dense": bare / dense_ppl - 1})
@@ -107,17 +120,18 @@ def transfer(
             except CTPError as exc:
                 row.append({"error": str(exc)})
                 continue
-            ppl = perplexity_of_ids(model, model_ids, seqlen, prompt=tensors[prompt_dir],
-                                    batch_size=batch_size, max_windows=max_windows, progress=progress,
+            ppl = perplexity_of_ids(model, model_ids, seqlen,
+                                    context_of(model, tensors[prompt_dir], bos_id), batch_size=batch_size, max_windows=max_windows, progress=progress,
                                     desc=f"{labels[model_dir]} + {prompt_label(prompt_dir)}").ppl
             row.append({"ppl": ppl, "recovered": gap_recovered(dense_ppl, bare, ppl)})
         cells.append(row)
     return {
-        "data": source_label(data), "split": split, "seqlen": seqlen,
+        "data": source_label(data), "split": split, "seqlen": seqlen, "bos": bos,
         "dense": {"model": dense, "ppl": dense_ppl},
         "models": rows,
         "prompts": [{"prompt": p, "label": prompt_label(p), "trained_on": metas[p].get("model"),
-                     "num_virtual_tokens": int(tensors[p].shape[0])} for p in prompts],
+                     "prompt_type": tensors[p].kind,
+                     "num_virtual_tokens": tensors[p].num_virtual_tokens} for p in prompts],
         "cells": cells,
     }
 

@@ -84,17 +84,27 @@ def resumable(out: str | os.PathLike, config: PromptConfig) -> bool:
     return read_checkpoint_settings(checkpoint).get("config") == run_settings(config)
 
 
-def init_prompt(config: PromptConfig, embed: torch.Tensor, tokenizer: Any) -> torch.Tensor:
-    """The starting prompt ``[n, hidden]`` (float32, CPU) for ``config.init``."""
+def init_prompt(config: PromptConfig, embed: torch.Tensor, tokenizer: Any,
+                train_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The starting embeddings ``[n, hidden]`` (float32, CPU) for ``config.init``, rows of
+    ``embed`` (the vocabulary's embeddings) for every init but ``random``.
+
+    ``window`` takes the first ``n`` tokens at a seeded offset of the 1-D training ids.
+    """
     n, (vocab, hidden) = config.num_virtual_tokens, embed.shape
     gen = torch.Generator().manual_seed(config.seed)
-    weight = embed.detach().float().cpu()
+    weight = embed.detach()
     if config.init == "vocab":
         rows = torch.arange(n) % vocab
     elif config.init == "sample-vocab":
         rows = torch.randint(0, vocab, (n,), generator=gen)
     elif config.init == "random":
-        return torch.randn(n, hidden, generator=gen) * weight.std()
+        return torch.randn(n, hidden, generator=gen) * weight.float().std()
+    elif config.init == "window":
+        if train_ids is None or train_ids.numel() < n:
+            raise CTPError(f"init window needs at least {n} training tokens")
+        start = int(torch.randint(0, train_ids.numel() - n + 1, (1,), generator=gen))
+        rows = train_ids[start:start + n].cpu()
     else:  # text:...
         if tokenizer is None:
             raise CTPError("init text:... needs the model's tokenizer")
@@ -102,7 +112,7 @@ def init_prompt(config: PromptConfig, embed: torch.Tensor, tokenizer: Any) -> to
         if not ids:
             raise CTPError("the init text has no tokens")
         rows = torch.tensor(ids)[torch.arange(n) % len(ids)]
-    return weight[rows].clone()
+    return weight[rows.to(weight.device)].float().cpu().clone()
 
 
 def lr_factor(schedule: str, steps: int, warmup: int):

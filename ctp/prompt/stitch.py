@@ -1,8 +1,9 @@
 """Stitching: attach a saved prompt to another compressed (or dense) copy of the same base model.
 
 The checks come from the two artifacts' metadata: the prompt's ``ctp_prompt.json`` and the
-target's ``ctp_compression.json``. A different hidden size or tokenizer is an error (the prompt
-cannot mean anything there); a different base-model fingerprint is a warning (the paper moves
+target's ``ctp_compression.json``. A different hidden size (an input prompt), a different number
+of layers, key/value heads or head size (a key/value prompt), or another tokenizer is an error
+(the prompt cannot mean anything there); a different base-model fingerprint is a warning (the paper moves
 prompts across compression levels and methods of one base; across bases it is the user's call);
 a prompt that leaves no room in the target's context is an error.
 """
@@ -19,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..artifacts import (PAIR_PROMPT_DIR, STITCH_FILE, atomic_dir, load_prompt_embeddings,
-                         read_compression_meta, read_prompt_meta, write_json)
+from ..artifacts import PAIR_PROMPT_DIR, STITCH_FILE, atomic_dir, read_compression_meta, read_prompt_meta, write_json
 from ..errors import CTPError
 from ..lm import model_context
 from ..models import load_any, load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
+from .kinds import SoftPrompt, load_prompt
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class StitchResult:
     """A target model with a prompt attached: ``model`` is a ready ``PeftModel``."""
 
     model: nn.Module
-    prompt: torch.Tensor
+    prompt: SoftPrompt
     base: nn.Module
     tokenizer: Any
     warnings: list[str] = field(default_factory=list)
@@ -49,22 +50,27 @@ def target_fingerprint(model_dir: str, model: nn.Module) -> str | None:
     return weights_fingerprint(model)
 
 
-def check_compatible(prompt_dir: str, prompt: torch.Tensor, meta: dict[str, Any], model_dir: str,
-                     model: nn.Module, tokenizer: Any) -> list[str]:
-    """Raise CTPError for a prompt that cannot work on the target; return warnings otherwise."""
-    width = model.get_input_embeddings().weight.shape[1]
-    if prompt.shape[1] != width:
-        raise CTPError(f"hidden size mismatch: prompt {prompt_dir} has {prompt.shape[1]}, "
-                       f"model {model_dir} has {width}")
+def check_compatible(prompt_dir: str, prompt: SoftPrompt | torch.Tensor, meta: dict[str, Any],
+                     model_dir: str, model: nn.Module, tokenizer: Any) -> list[str]:
+    """Raise CTPError for a prompt that cannot work on the target; return warnings otherwise.
+
+    Errors: an input prompt's hidden size, or a key/value prompt's layers, key/value heads or
+    head size, differs from the target's; another tokenizer; no room left in the context.
+    Warning: the target derives from another base model (another weights fingerprint).
+    """
+    prompt = load_prompt(prompt)
+    reason = prompt.mismatch(model)
+    if reason is not None:
+        raise CTPError(f"{reason} (prompt {prompt_dir}, model {model_dir})")
     want = meta.get("tokenizer_fingerprint")
     have = tokenizer_fingerprint(tokenizer)
     if want and want != have:
         raise CTPError(f"tokenizer mismatch: prompt {prompt_dir} was trained with tokenizer {want}, "
                        f"model {model_dir} has {have}")
     context = model_context(model)
-    if context is not None and prompt.shape[0] >= context:
-        raise CTPError(f"prompt {prompt_dir} has {prompt.shape[0]} virtual tokens, leaving no room "
-                       f"in the context of {context} of model {model_dir}")
+    if context is not None and prompt.num_virtual_tokens >= context:
+        raise CTPError(f"prompt {prompt_dir} has {prompt.num_virtual_tokens} virtual tokens, leaving "
+                       f"no room in the context of {context} of model {model_dir}")
     warnings = []
     base = meta.get("base_fingerprint")
     target = target_fingerprint(model_dir, model)
@@ -78,13 +84,14 @@ def stitch(prompt_dir: str | os.PathLike, model_dir: str, device: str = "auto",
            trust_remote_code: bool = False) -> StitchResult:
     """Attach the prompt in ``prompt_dir`` to the model in ``model_dir`` after checking they fit.
 
-    Returns a ``PeftModel`` (generation and PEFT tooling work as usual), the prompt tensor
-    ``[n, hidden]``, the bare target model, its tokenizer, and any warnings (also logged).
+    Returns a ``PeftModel`` (PEFT's prompt-tuning or prefix-tuning model, as the prompt's kind
+    is; generation and PEFT tooling work as usual), the prompt, the bare target model, its
+    tokenizer, and any warnings (also logged).
     """
     from peft import PeftModel
 
     prompt_dir = str(prompt_dir)
-    prompt = load_prompt_embeddings(prompt_dir)
+    prompt = load_prompt(prompt_dir)
     meta = read_prompt_meta(prompt_dir)
     base = load_any(model_dir, device=device, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)

@@ -18,22 +18,31 @@ from ctp.compression.quantize import dense_weight
 from ctp.config import CompressConfig
 from ctp.errors import CTPError
 from ctp.models import decoder_layers
-from test_obs import naive_sweep
+from test_obs import SweepTies, naive_sweep
+from ties import TieBudget
+
+# ctp's float32 running Hessian against the reference's float64 one, both on float64
+# activations: weights drift up to 1.4e-5 of the largest (measured), so scores near a cut up to
+# ~12x that relative (see test_obs.MASK_RTOL); 7x and 5x margins.
+SPARSEGPT_DRIFT, SPARSEGPT_RTOL = 1e-4, 1e-3
 
 
-def reference_sparsegpt(model, ids, **sweep_kwargs):
+def reference_sparsegpt(model, ids, follow=None, ties=None, **sweep_kwargs):
     """Naive sequential SparseGPT: for each layer in turn, run the WHOLE model (earlier layers
     already pruned) recording every Linear input of that layer, H = 2 X^T X / tokens in float64,
-    then the textbook one-column-at-a-time OBS on every Linear of the layer."""
+    then the textbook one-column-at-a-time OBS on every Linear of the layer. ``follow`` maps
+    Linear names to the masks under test, whose near-tie choices ``ties`` checks and adopts."""
     model = copy.deepcopy(model)
     layers = decoder_layers(model)
-    for layer in layers:
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         inputs = linear_inputs(model, layer, ids)
         for n, lin in linears.items():
             x = inputs[n].double()
             h = 2 * x.T @ x / x.shape[0]
-            new, _ = naive_sweep(lin.weight.detach(), h, **sweep_kwargs)
+            theirs = None if follow is None else (follow[f"{prefix}.{i}.{n}"], None)
+            new, _ = naive_sweep(lin.weight.detach(), h, follow=theirs, ties=ties, **sweep_kwargs)
             with torch.no_grad():
                 lin.weight.copy_(new)
     return model
@@ -42,22 +51,31 @@ def reference_sparsegpt(model, ids, **sweep_kwargs):
 @pytest.mark.parametrize("arch", ["llama", "opt", "phi"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsegpt_equals_the_naive_sequential_reference(arch, pattern):
-    model = tiny_model(arch).double()  # float64: the comparison is not blurred by near-ties
+    model = tiny_model(arch).double()  # float64 activations; ctp's Hessian still sums in float32
     ids = calib_ids(nsamples=6, seqlen=32)
     kwargs = dict(sparsity=0.5) if pattern == "unstructured" else dict(nm=(2, 4))
-    reference = reference_sparsegpt(model, ids, blocksize=128, **kwargs)
+    pruned = copy.deepcopy(model)
     config = CompressConfig(prune="sparsegpt", pattern=pattern, calib_batch_size=4)
-    counts = prune_(model, config, ids, progress=False)
+    counts = prune_(pruned, config, ids, progress=False)
+    got = {name: lin.weight.detach() for name, lin in decoder_linears(pruned).items()}
+    # The reference's float64 Hessian differs from ctp's float32 running sum by float32 rounding,
+    # which the dampened inverse amplifies: a mask may flip where a score is within
+    # SPARSEGPT_RTOL of its cut, a handful in the whole model, and the reference follows those
+    # choices; then every weight agrees within SPARSEGPT_DRIFT of the largest.
+    ties = SweepTies(TieBudget(6, rtol=SPARSEGPT_RTOL, what=f"{arch} {pattern} mask"),
+                     TieBudget(0, what="rounding"))
+    reference = reference_sparsegpt(model, ids, follow={k: w == 0 for k, w in got.items()}, ties=ties,
+                                    blocksize=128, **kwargs)
     expected = decoder_linears(reference)
-    for name, lin in decoder_linears(model).items():
+    for name, weight in got.items():
         want = expected[name].weight.detach()
-        assert torch.equal(lin.weight == 0, want == 0), name
+        assert torch.equal(weight == 0, want == 0), name
         scale = want.abs().max()
-        assert (lin.weight.detach() - want).abs().max() <= 1e-4 * scale, name
+        assert (weight - want).abs().max() <= SPARSEGPT_DRIFT * scale, name
         zeros, numel = counts[name]
-        assert zeros == int((lin.weight == 0).sum()) == numel // 2, name  # exactly the asked sparsity
+        assert zeros == int((weight == 0).sum()) == numel // 2, name  # exactly the asked sparsity
         if pattern == "2:4":
-            assert ((lin.weight == 0).view(lin.out_features, -1, 4).sum(dim=2) == 2).all(), name
+            assert ((weight == 0).view(weight.shape[0], -1, 4).sum(dim=2) == 2).all(), name
 
 
 def test_linears_reading_one_tensor_share_one_statistic_equal_to_2xtx():

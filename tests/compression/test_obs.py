@@ -1,6 +1,7 @@
 """The OBS sweep against a textbook one-column-at-a-time OBS, and bitsandbytes' own storage."""
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -8,8 +9,10 @@ import torch
 import bitsandbytes.functional as bnbf
 from ctp.compression.obs import (Codebook4bit, Hessian, NotPositiveDefinite, RowInt8, inverse_cholesky,
                               max_dequant_error, pack_4bit, pack_int8, sweep)
+from ties import TieBudget, lowest_k_cut
 
 OUT, IN, TOKENS = 64, 256, 768
+BNB_INV_127 = float(torch.tensor(1 / 127, dtype=torch.float32))  # bitsandbytes' int8 dequantization
 
 
 def calibration(seed=0, cols=IN, dead=()):
@@ -40,11 +43,19 @@ def problem():
 
 # ---- the independent reference -----------------------------------------------------------------
 
-def naive_sweep(w, h, *, sparsity=0.0, nm=None, mask=None, quant=None, blocksize=128, damp=0.01):
+def naive_sweep(w, h, *, sparsity=0.0, nm=None, mask=None, quant=None, blocksize=128, damp=0.01,
+                follow=None, ties=None):
     """Textbook OBS in float64: column by column, each step with the inverse of H restricted to
     the columns not yet processed, inverted afresh. Masks use SparseGPT's rule with
-    ``w^2 / [H_rest^-1]_jj`` (= ``w^2 / U_jj^2``); scales are fitted from the current weights."""
-    w, h = w.double().clone(), h.double().clone()
+    ``w^2 / [H_rest^-1]_jj`` (= ``w^2 / U_jj^2``); scales are fitted from the current weights.
+
+    ``follow`` (a ``(mask, codes)`` pair, codes None without a quantizer) is the computation
+    under test: wherever its mask or rounding code differs from the one chosen here, ``ties``
+    (:func:`sweep_ties`) checks that the choice was a near-tie, and the reference adopts it and
+    goes on, so each later column is compared on the same footing.
+    """
+    w, h = w.double().clone(), h.double()
+    h = (h + h.T) / 2  # a float32 X^T X is symmetric only up to rounding (the sweep does the same)
     cols = w.shape[1]
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1
@@ -53,6 +64,7 @@ def naive_sweep(w, h, *, sparsity=0.0, nm=None, mask=None, quant=None, blocksize
     inverses = [torch.linalg.inv(h[j:, j:]) for j in range(cols)]
     rest = torch.stack([inv[0, 0] for inv in inverses])
     pruned = mask.clone() if mask is not None else torch.zeros_like(w, dtype=torch.bool)
+    got_mask, got_codes = follow if follow is not None else (None, None)
     group = 64 if quant in ("nf4", "fp4") else cols
     code = bnbf.get_4bit_type(quant, device="cpu").double() if quant in ("nf4", "fp4") else None
     for j in range(cols):
@@ -62,18 +74,42 @@ def naive_sweep(w, h, *, sparsity=0.0, nm=None, mask=None, quant=None, blocksize
             flat = torch.zeros(score.numel(), dtype=torch.bool)
             flat[torch.sort(score.reshape(-1), stable=True).indices[:k]] = True
             pruned[:, j:j + blocksize] = flat.view_as(score)
+            if got_mask is not None:
+                theirs = got_mask[:, j:j + blocksize]
+                ties.mask.check(theirs, pruned[:, j:j + blocksize], score, lowest_k_cut(score, k), f"column {j}")
+                pruned[:, j:j + blocksize] = theirs
         if nm and j % nm[1] == 0:
             score = w[:, j:j + nm[1]] ** 2 / rest[j:j + nm[1]]
             low = torch.sort(score, dim=1, stable=True).indices[:, :nm[0]]
             pruned[:, j:j + nm[1]] = torch.zeros_like(pruned[:, j:j + nm[1]]).scatter_(1, low, True)
+            if got_mask is not None:
+                theirs = got_mask[:, j:j + nm[1]]
+                ties.mask.check(theirs, pruned[:, j:j + nm[1]], score, lowest_k_cut(score, nm[0], dim=1),
+                                f"column {j}")
+                pruned[:, j:j + nm[1]] = theirs
         if quant and j % group == 0:
             scale = w[:, j:j + group].masked_fill(pruned[:, j:j + group], 0).abs().amax(dim=1)
         col = w[:, j]
         if quant in ("nf4", "fp4"):
             scaled = (col / scale.clamp(min=1e-300)).clamp(-1, 1)
-            q = code[(scaled[:, None] - code).abs().argmin(dim=1)] * scale
+            index = (scaled[:, None] - code).abs().argmin(dim=1)
+            if got_codes is not None:  # rounding flips where ``scaled`` sits on a midpoint of two codes
+                theirs = got_codes[:, j].long()  # by value: FP4 has two codes for zero
+                flipped = (code[theirs] != code[index]) & ~pruned[:, j]
+                ties.rounding.check(flipped, torch.zeros_like(flipped), scaled,
+                                    (code[theirs] + code[index]) / 2, f"column {j}")
+                index = torch.where(flipped, theirs, index)
+            q = code[index] * scale
         elif quant == "int8":
-            q = torch.round(col * 127 / scale).clamp(-127, 127) * scale / 127
+            scaled = col * 127 / scale
+            level = torch.round(scaled).clamp(-127, 127)
+            if got_codes is not None:  # in units of the row's absmax, like the 4-bit codes
+                theirs = got_codes[:, j].double()
+                flipped = (theirs != level) & ~pruned[:, j]
+                ties.rounding.check(flipped, torch.zeros_like(flipped), scaled / 127,
+                                    (theirs + level) / 2 / 127, f"column {j}")
+                level = torch.where(flipped, theirs, level)
+            q = level * scale * BNB_INV_127
         else:
             q = col.clone()
         q[pruned[:, j]] = 0
@@ -82,6 +118,47 @@ def naive_sweep(w, h, *, sparsity=0.0, nm=None, mask=None, quant=None, blocksize
         w[:, j + 1:] -= err[:, None] * inv[0, 1:][None, :]
         w[:, j] = q
     return w, pruned
+
+
+@dataclass
+class SweepTies:
+    """The near-ties one sweep comparison allows: mask choices and rounding choices."""
+
+    mask: TieBudget
+    rounding: TieBudget
+
+
+# How far a sweep in each dtype may drift from the float64 reference, relative to the largest
+# weight: float32's eps (6e-8) times the condition number of the dampened Hessian (2.2e3 for
+# ``calibration()``: low rank plus noise) is ~1e-4; measured up to 6.4e-5. float64: measured
+# 1.5e-13 (the same symmetrized Hessian in both).
+DRIFT = {torch.float32: 5e-4, torch.float64: 1e-10}
+# How close to its block's cut a score must be for a mask flip to be a tie. A weight at the cut
+# is ~1/6 of the largest and a score is its square, so the scores near the cut move by up to
+# ~12x the weights' drift: 8e-4 relative in float32 (from the measured 6.4e-5), 2e-12 in float64.
+MASK_RTOL = {torch.float32: 2e-3, torch.float64: 1e-9}
+
+
+def sweep_ties(dtype, what=""):
+    """What a sweep in ``dtype`` may choose differently from the float64 reference, and how often.
+
+    A mask compares ``w^2 / U_jj^2`` with the cut of its block (MASK_RTOL); a rounding compares
+    ``w / absmax`` with the midpoint of two codes, which moves by about the weights' DRIFT (the
+    atol). Measured in float32: mask flips 4.4e-5 from the cut (relative), rounding flips 1.9e-6
+    from a midpoint, 0-2 of each per sweep; at most 6 of each pass.
+    """
+    return SweepTies(TieBudget(6, rtol=MASK_RTOL[dtype], what=f"{what} mask"),
+                     TieBudget(6, atol=DRIFT[dtype], what=f"{what} rounding"))
+
+
+def assert_sweep_matches_reference(got, w, h, ties, **kwargs):
+    """``got`` (a :class:`SweepResult`) equals the textbook OBS that follows its near-tie
+    choices: every weight within DRIFT of the largest. Returns the reference weights."""
+    want, want_mask = naive_sweep(w, h, follow=(got.mask, got.codes), ties=ties, **kwargs)
+    assert torch.equal(got.mask, want_mask)
+    drift = float((got.weight.double() - want).abs().max() / w.abs().max())
+    assert drift <= DRIFT[got.weight.dtype], drift
+    return want
 
 
 def make_quantizer(quant):
@@ -111,13 +188,9 @@ def test_blocked_sweep_equals_textbook_obs(problem, case, blocksize, dtype):
         kw["mask"] = torch.rand(w.shape, generator=torch.Generator().manual_seed(5)) < 0.4
     quant = kw.pop("quant", None)
     got = sweep(w.to(dtype), h, quantizer=make_quantizer(quant), blocksize=blocksize, **kw)
-    want, want_mask = naive_sweep(w, h, quant=quant, blocksize=blocksize, **kw)
     assert got.weight.dtype == dtype and got.loss > 0
-    # Rows are independent in OBS. In float32 a rounding or mask choice that is a near-tie can fall
-    # the other way and change the rest of that row only (0-3 rows of 64 seen): allow 6.
-    diverged = (got.mask != want_mask).any(dim=1)
-    diverged |= ((got.weight.double() - want).abs() > 1e-4 * w.abs().max()).any(dim=1)
-    assert int(diverged.sum()) <= (0 if dtype == torch.float64 else 6)
+    # Every row, every column: near-tie choices (checked, at most a handful) are followed.
+    assert_sweep_matches_reference(got, w, h, sweep_ties(dtype, case), quant=quant, blocksize=blocksize, **kw)
 
 
 def test_hessian_is_a_running_mean_of_2xtx():
@@ -231,10 +304,11 @@ def test_dead_inputs_are_zeroed_and_match_reference():
     h, w = hessian_of(x), weights()
     assert h[5, 5] == 0
     res = sweep(w, h, sparsity=0.5, quantizer=Codebook4bit("nf4"), blocksize=32)
-    want, want_mask = naive_sweep(w, h, sparsity=0.5, quant="nf4", blocksize=32)
     assert (res.weight[:, [5, 77]] == 0).all() and torch.isfinite(res.weight).all()
-    assert torch.equal(res.mask, want_mask)
-    assert (res.weight.double() - want).abs().max() <= 1e-4 * w.abs().max()
+    # float32 sweep, float64 reference: masks and codes agree except at near-ties (2 of 16,384
+    # mask entries flip on MKL's AVX-512 kernels), weights everywhere once those are followed
+    assert_sweep_matches_reference(res, w, h, sweep_ties(torch.float32), sparsity=0.5, quant="nf4",
+                                   blocksize=32)
 
 
 def test_hopeless_hessian_raises_not_positive_definite():

@@ -12,12 +12,17 @@ from ctp.compression.prune import decoder_linears
 from ctp.config import CompressConfig
 from ctp.errors import CTPError
 from ctp.models import decoder_layers
+from ties import TieBudget, lowest_k_cut
 
 
-def reference_wanda_masks(model, ids, sparsity=None, nm=None):
+def reference_wanda_masks(model, ids, sparsity=None, nm=None, follow=None, ties=None):
     """Naive sequential Wanda: for each layer in turn, run the WHOLE model (earlier layers
     already pruned) with hooks recording every Linear input of that layer, score
-    |W| * ||X_j|| over all tokens, and zero the lowest k of each row (or n of each m-block)."""
+    |W| * ||X_j|| over all tokens, and zero the lowest k of each row (or n of each m-block).
+
+    ``follow`` maps Linear names to the masks under test: where one differs from the mask
+    chosen here, ``ties`` (a :class:`TieBudget`) checks that it is a near-tie of the scores and
+    the reference prunes the followed mask, so later layers see the same model."""
     model = copy.deepcopy(model)
     masks = {}
     layers = decoder_layers(model)
@@ -26,8 +31,9 @@ def reference_wanda_masks(model, ids, sparsity=None, nm=None):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         inputs = linear_inputs(model, layer, ids)
         for n, lin in linears.items():
+            name = f"{prefix}.{i}.{n}"
             x = inputs[n]
-            score = lin.weight.abs() * x.norm(dim=0)  # ||X_j||_2 over all tokens
+            score = (lin.weight.abs() * x.norm(dim=0)).detach()  # ||X_j||_2 over all tokens
             mask = torch.zeros_like(score, dtype=torch.bool)
             rows, cols = score.shape
             for r in range(rows):
@@ -40,26 +46,44 @@ def reference_wanda_masks(model, ids, sparsity=None, nm=None):
                     for b in range(0, cols, m_):
                         order = sorted(range(b, b + m_), key=lambda j: score[r, j].item())
                         mask[r, order[:n_]] = True
-            masks[f"{prefix}.{i}.{n}"] = mask
+            if follow is not None:
+                if nm is None:
+                    cut = lowest_k_cut(score, int(cols * sparsity), dim=1)
+                else:
+                    cut = lowest_k_cut(score.view(rows, -1, nm[1]), nm[0], dim=2).expand(
+                        rows, cols // nm[1], nm[1]).reshape(rows, cols)
+                ties.check(follow[name], mask, score, cut, name)
+                mask = follow[name]
+            masks[name] = mask
             with torch.no_grad():
                 lin.weight[mask] = 0
     return masks
 
 
-def assert_masks_match(model, reference, max_diff_fraction=0.0):
-    for name, lin in decoder_linears(model).items():
-        got = lin.weight == 0
-        diff = (got != reference[name]).float().mean().item()
-        assert diff <= max_diff_fraction, f"{name}: {diff:.2%} of the mask differs"
+# Two correct computations of the same Wanda scores: ctp's layer-by-layer capture in batches
+# with float32 running norms, and the reference's whole-model forward. Their activations agree
+# to ~1e-6 relative (float32 rounding in another order), so a mask may flip only where a score
+# is within WANDA_RTOL of its row's (or block's) cut: a handful (WANDA_FLIPS) in a whole model.
+WANDA_RTOL, WANDA_FLIPS = 1e-4, 6
+
+
+def assert_masks_follow_reference(model, original, ids, **selection):
+    """The masks ``model`` was pruned with are the naive reference's on ``original``, but for
+    near-ties (which the reference then follows). Returns the number of flips."""
+    got = {name: lin.weight == 0 for name, lin in decoder_linears(model).items()}
+    ties = TieBudget(WANDA_FLIPS, rtol=WANDA_RTOL, what="wanda mask")
+    reference = reference_wanda_masks(original, ids, follow=got, ties=ties, **selection)
+    assert reference.keys() == got.keys()
+    return ties.flips
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_wanda_unstructured_equals_naive_reference(arch):
     model = tiny_model(arch)
+    original = copy.deepcopy(model)
     ids = calib_ids(nsamples=6, seqlen=32)
-    reference = reference_wanda_masks(model, ids, sparsity=0.5)
     prune_(model, CompressConfig(prune="wanda", sparsity=0.5, calib_batch_size=4), ids, progress=False)
-    assert_masks_match(model, reference)
+    assert_masks_follow_reference(model, original, ids, sparsity=0.5)
     for name, lin in decoder_linears(model).items():
         zeros_per_row = (lin.weight == 0).sum(dim=1)
         assert (zeros_per_row == int(lin.in_features * 0.5)).all(), name
@@ -70,10 +94,10 @@ def test_wanda_unstructured_equals_naive_reference(arch):
 def test_wanda_nm_equals_reference_and_every_block_has_n_zeros(arch, pattern):
     n, m = map(int, pattern.split(":"))
     model = tiny_model(arch)
+    original = copy.deepcopy(model)
     ids = calib_ids(nsamples=4, seqlen=32)
-    reference = reference_wanda_masks(model, ids, nm=(n, m))
     prune_(model, CompressConfig(prune="wanda", pattern=pattern), ids, progress=False)
-    assert_masks_match(model, reference)
+    assert_masks_follow_reference(model, original, ids, nm=(n, m))
     for name, lin in decoder_linears(model).items():
         blocks = (lin.weight == 0).view(lin.out_features, -1, m).sum(dim=2)
         assert (blocks >= n).all(), name
@@ -118,9 +142,11 @@ def test_nm_pattern_that_does_not_divide_a_layer_is_refused():
 
 
 def test_calibration_batch_size_does_not_change_the_masks():
+    """Batches of 1 and of 5 sum the activation norms in another order: each gives the
+    reference's masks up to near-ties, so they differ from each other only there."""
     ids = calib_ids(nsamples=5, seqlen=32)
     a, b = tiny_model("mistral"), tiny_model("mistral")
     prune_(a, CompressConfig(prune="wanda", calib_batch_size=1), ids, progress=False)
     prune_(b, CompressConfig(prune="wanda", calib_batch_size=5), ids, progress=False)
-    for (name, la), lb in zip(decoder_linears(a).items(), decoder_linears(b).values()):
-        assert torch.equal(la.weight == 0, lb.weight == 0), name
+    for pruned in (a, b):
+        assert_masks_follow_reference(pruned, tiny_model("mistral"), ids, sparsity=0.5)

@@ -53,10 +53,13 @@ def test_layers_bitsandbytes_cannot_run_on_cpu_stay_unquantized(tmp_path, caplog
     assert torch.isfinite(out).all()
 
 
+# Run in a fresh process with this process's thread count, so that it is the very computation
+# done here (the same kernels on the same shapes split the same way): equal to the bit.
 RELOAD = """
 import sys, torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[4]))
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 state = {k: v.contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 for module in model.modules():  # bitsandbytes' own switch: no bfloat16 repacking on this CPU
@@ -86,8 +89,8 @@ def test_fresh_process_reload_without_ctp_gives_identical_logits(tmp_path, tiny_
     script = tmp_path / "reload.py"
     script.write_text(RELOAD)
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "logits.safetensors")], capture_output=True, text=True,
-                          cwd=tmp_path)
+                           str(tmp_path / "logits.safetensors"), str(torch.get_num_threads())],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     reloaded = load_file(str(tmp_path / "logits.safetensors"))
     assert torch.equal(reloaded["logits"], expected)

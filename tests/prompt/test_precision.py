@@ -8,6 +8,7 @@ import torch
 
 from conftest import tiny_model
 from ctp.config import PromptConfig
+from ctp.head import output_head
 from ctp.lm import token_nlls
 from ctp.models import checkpoint_layers, decoder_layers
 from ctp.prompt.tune import tune_prompt
@@ -38,10 +39,15 @@ def test_checkpointing_gives_the_same_gradient_and_recomputes_each_layer(arch):
         p.requires_grad_(False)
     batch = ids_of(64, 3).view(2, 32)
     prompt = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.1
+    output_head(model)  # its one-time check against the model's own logits runs the layers too
     plain, plain_calls = prompt_grad(model, batch, prompt, checkpointing=False)
     ckpt, ckpt_calls = prompt_grad(model, batch, prompt, checkpointing=True)
     layers = len(decoder_layers(model))
-    assert plain_calls == layers and ckpt_calls == 2 * layers  # forward, then again in backward
+    # every layer runs twice per step (once over the prompt, building its keys and values, once
+    # over the batch after them); checkpointing runs them again in the backward pass -- all but
+    # those whose output no gradient needs (the last layer's MLP over the prompt feeds no key or
+    # value; a non-reentrant recomputation stops once the tensors it must rebuild are rebuilt)
+    assert plain_calls == 2 * layers and 2 * plain_calls - 1 <= ckpt_calls <= 2 * plain_calls
     assert ((ckpt - plain).norm() / plain.norm()).item() <= 1e-5
     assert all(type(layer).forward is layer.forward.__func__ for layer in decoder_layers(model))
 
@@ -111,5 +117,7 @@ def test_best_val_ppl_is_what_ctp_eval_measures_even_under_autocast(tmp_path, ti
     result = tune_prompt(model_dir, config, tmp_path / "p", train_ids=ids_of(3000), val_ids=val,
                          progress=False)
     windows = spread_windows(val, 32, 8)
-    measured = perplexity_of_ids(load_any(model_dir), windows.flatten(), 32, prompt=result.prompt)
-    assert result.meta["best_val_ppl"] == pytest.approx(measured.ppl, rel=1e-6)
+    # validation's own batch size: the very computation it made (rel: the last digits of a sum)
+    measured = perplexity_of_ids(load_any(model_dir), windows.flatten(), 32, prompt=result.prompt,
+                                 batch_size=config.batch_size)
+    assert result.meta["best_val_ppl"] == pytest.approx(measured.ppl, rel=1e-9)

@@ -50,7 +50,9 @@ def test_stitched_perplexity_equals_a_naive_computation_with_the_same_tensor(fam
             logits = result.base(inputs_embeds=torch.cat([prompt.unsqueeze(0), emb], 1)).logits[0, 4:]
         logp = torch.log_softmax(logits.double(), -1)
         nlls.append(-logp[torch.arange(39), window[0, 1:]].mean().item())
-    assert got == pytest.approx(float(torch.tensor(nlls).mean().exp()), rel=1e-6)
+    # a prompt cache against a prepended prompt: float32 logits in another order agree to ~1e-6
+    # (tests/test_lm.py), so the mean NLL does, and the perplexity to rel 1e-5 (as in test_perplexity)
+    assert got == pytest.approx(float(torch.tensor(nlls).mean().exp()), rel=1e-5)
     with torch.no_grad():  # the returned PeftModel carries the same prompt
         peft_logits = result.model(input_ids=ids[:40].unsqueeze(0)).logits[0, 4:]
         emb = result.base.get_input_embeddings()(ids[:40].unsqueeze(0))
