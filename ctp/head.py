@@ -59,9 +59,10 @@ class Head:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def chunk_tokens(self, budget: int = CHUNK_BYTES) -> int:
-        """Tokens per chunk so that one chunk's float32 logits fit in ``budget`` bytes."""
-        return max(1, budget // (4 * self.vocab))
+    def chunk_tokens(self, budget: int | None = None) -> int:
+        """Tokens per chunk so that one chunk's float32 logits fit in ``budget`` bytes (default
+        :data:`CHUNK_BYTES`)."""
+        return max(1, (CHUNK_BYTES if budget is None else budget) // (4 * self.vocab))
 
 
 def _head_rules(config: Any) -> dict[str, Any]:

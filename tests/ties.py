@@ -45,7 +45,8 @@ class TieBudget:
         score = score.double()
         threshold = torch.as_tensor(threshold, dtype=torch.float64, device=score.device).expand_as(score)
         gap = (score - threshold).abs()
-        bad = flipped & (gap > self.atol + self.rtol * threshold.abs())
+        near = torch.isfinite(threshold) & (gap <= self.atol + self.rtol * threshold.abs())
+        bad = flipped & ~near
         label = f"{self.what} {where}".strip()
         if bad.any():
             i = tuple(int(x) for x in bad.nonzero()[0])
@@ -69,13 +70,6 @@ class TieBudget:
         return got
 
 
-def assert_selections_agree(got: torch.Tensor, want: torch.Tensor, score: torch.Tensor,
-                            threshold: torch.Tensor | float, *, max_flips: int, rtol: float = 0.0,
-                            atol: float = 0.0, what: str = "") -> int:
-    """One-shot :meth:`TieBudget.check`: returns the number of near-tie flips."""
-    return TieBudget(max_flips, rtol=rtol, atol=atol, what=what).check(got, want, score, threshold)
-
-
 def lowest_k_cut(score: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
     """Where a lowest-``k`` selection cuts ``score`` (the whole tensor, or each slice along
     ``dim``, kept for broadcasting): midway between the k-th and the (k+1)-th lowest value."""
@@ -83,7 +77,7 @@ def lowest_k_cut(score: torch.Tensor, k: int, dim: int | None = None) -> torch.T
     values = (score.reshape(-1) if dim is None else score).sort(dim=d).values
     if 0 < k < values.shape[d]:
         cut = (values.narrow(d, k - 1, 1) + values.narrow(d, k, 1)) / 2
-    else:  # nothing to cut between: no flip can be a near-tie
+    else:  # nothing to cut between: no flip is a near-tie (``check`` refuses an infinite cut)
         cut = torch.full_like(values.narrow(d, 0, 1), float("inf"))
     return cut.reshape(()) if dim is None else cut
 

@@ -108,12 +108,13 @@ class CTPLM(HFLM):
         if available; ``dtype``: auto = float32 on a CPU; ``bos``: ctp's BOS rule (auto,
         always, never; :func:`ctp.lm.bos_token`) -- with a BOS every request starts with it and
         a prompt stands after it; without, no BOS is added (where lm-eval would let the
-        tokenizer decide); other ``kwargs``: :data:`COMPRESS_ARGS` or HFLM's."""
+        tokenizer decide: ``ctp eval``'s protocol); other ``kwargs``: :data:`COMPRESS_ARGS` or
+        HFLM's."""
         if bos not in BOS_RULES:
             raise CTPError(f"unknown bos={bos!r}; choose from {', '.join(BOS_RULES)}")
         if "add_bos_token" in kwargs:
-            raise CTPError("--model ctp sets BOS by its rule: give bos=auto|always|never, "
-                           "not add_bos_token")
+            raise CTPError("--model ctp puts BOS by its rule (before the prompt): give "
+                           "bos=auto|always|never, not add_bos_token")
         compress_args = {k: kwargs.pop(k) for k in COMPRESS_ARGS if k in kwargs}
         if "peft" in kwargs or "delta" in kwargs:
             raise CTPError("model_args peft=/delta= are not used by --model ctp; give prompt=FOLDER")
@@ -158,7 +159,7 @@ class CTPLM(HFLM):
                          "warnings": warnings}
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                          max_batch_size=max_batch_size, max_length=max_length,
-                         add_bos_token=self._bos is not None, **kwargs)
+                         add_bos_token=False, **kwargs)
         context = resolve_max_length(self.config, self.tokenizer, default=self._DEFAULT_MAX_LENGTH)
         if self.num_virtual_tokens and self.max_length + self.num_virtual_tokens > context:
             raise CTPError(f"max_length {self.max_length} plus {self.num_virtual_tokens} virtual "
@@ -180,43 +181,42 @@ class CTPLM(HFLM):
 
     @property
     def prompt_cache(self) -> PromptCache | None:
-        """BOS (per the rule) and the prompt's keys and values, built on first use (after HFLM
-        has placed the model)."""
-        if self._prompt is not None and self._prompt_cache is None:
+        """What stands before every request -- BOS (per the rule) and the prompt -- as keys and
+        values, built on first use (after HFLM has placed the model); None: neither."""
+        if (self._prompt is not None or self._bos is not None) and self._prompt_cache is None:
             with self._autocast():
                 self._prompt_cache = context_of(self._base, self._prompt, self._bos)
         return self._prompt_cache
 
-    def _leading_bos(self, inps: torch.Tensor, first: torch.Tensor) -> None:
-        """With a BOS rule, every request starts with BOS (HFLM adds it): refuse one that does not."""
-        if not bool((first == self._bos).all()):
-            raise CTPError("--model ctp with a BOS and a prompt needs every request to start with "
-                           "BOS; a request does not (a task that strips special tokens?)")
-
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[batch, T, vocab]`` of ``inps`` ``[batch, T]`` (right-padded by HFLM) read
-        after the prompt's cache: no virtual positions, so HFLM's slicing needs no offset.
+        after the cache (BOS, prompt): no virtual positions, so HFLM's slicing needs no offset.
 
-        With a BOS, the requests' leading BOS is the cache's (BOS, prompt, text); its position's
-        logits are what the model predicts from BOS alone, as without the prompt: the prompt
-        never earns the first token.
+        HFLM adds no special tokens here (the rule puts BOS in the cache), except its prefix
+        token before an empty context or a rolling window: a row that starts with BOS has that
+        BOS read as the cache's, and its position's logits are what the model predicts from BOS
+        alone -- the prompt never earns the first token, as in ``ctp eval``.
         """
         cache = self.prompt_cache
         if cache is None:
             return super()._model_call(inps, attn_mask, labels)
         with torch.no_grad(), self._autocast():
-            if self._bos is None:
+            lead = (inps[:, 0] == self._bos) if self._bos is not None else None
+            if lead is None or not bool(lead.any()):
                 return prompted_logits(self._base, inps, cache)[0]
-            self._leading_bos(inps, inps[:, 0])
-            rest = prompted_logits(self._base, inps[:, 1:], cache)[0]
-            first = cache.bos_logits.to(rest.device, rest.dtype).expand(inps.shape[0], 1, -1)
-            return torch.cat([first, rest], dim=1)
+            shifted = inps.clone()  # leading BOS removed, rows padded at the end (never scored)
+            shifted[lead, :-1] = inps[lead, 1:]
+            logits = prompted_logits(self._base, shifted, cache)[0]
+            out = logits.clone()
+            out[lead, 1:] = logits[lead, :-1]
+            out[lead, 0] = cache.bos_logits[0, 0].to(out.device, out.dtype)
+            return out
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
                         **generation_kwargs: Any) -> torch.Tensor:
         """``context`` ``[batch, T]`` (left-padded) followed by up to ``max_length - T`` new
-        tokens, decoded after the prompt's cache; a padded row computes what it would alone.
+        tokens, decoded after the cache (BOS, prompt); a padded row computes what it would alone.
 
         PEFT's own ``generate`` is not used: with transformers 5 it misses the KV cache and
         re-inserts the prompt at every decoding step. Greedy, or sampling with ``temperature``,
@@ -226,12 +226,12 @@ class CTPLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         mask = generation_kwargs.pop("attention_mask", None)
         mask = None if mask is None else mask.to(context.device)
-        if self._bos is not None:  # each row's (left-padded) BOS is the cache's: mask it out
+        if self._bos is not None:  # a row whose first real token is BOS: that BOS is the cache's
             mask = torch.ones_like(context) if mask is None else mask.clone()
-            first = mask.argmax(dim=1)
             rows = torch.arange(context.shape[0], device=context.device)
-            self._leading_bos(context, context[rows, first])
-            mask[rows, first] = 0
+            first = mask.argmax(dim=1)
+            lead = context[rows, first] == self._bos
+            mask[rows[lead], first[lead]] = 0
         pick = self._picker(generation_kwargs)
         stopping = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
         eos = stop_token_ids(self._base, self.tokenizer)

@@ -121,7 +121,7 @@ def test_every_architecture_runs_sparsegpt_with_obs_nf4(tmp_path, arch):
     assert result.report["label"] == "sparsegpt-50%+nf4-obs"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     theirs = decoder_linears(reloaded)
-    for name, module in decoder_linears(result.model).items():
+    for name, module in decoder_linears(result.model).items():  # the same bytes, dequantized alike
         assert torch.equal(dense_weight(module), dense_weight(theirs[name])), name
 
 
