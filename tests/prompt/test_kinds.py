@@ -131,3 +131,25 @@ def test_steps_0_saves_the_initialisation_validated(tmp_path, tiny_dir, tokenize
                          val_ids=ids_of(1, 600, 6).flatten(), tokenizer=tokenizer, progress=False)
     assert result.meta["steps"] == 0 and result.meta["best_step"] == 0
     assert result.meta["history"]["eval_step"] == [0]
+
+
+def test_lm_eval_plugin_scores_a_kv_prompt_as_peft_does(kv_prompt, tiny_dir, tokenizer):
+    from lm_eval.api.instance import Instance
+    from peft import PeftModel
+
+    from ctp.evaluation.lm_eval_plugin import CTPLM
+    from ctp.models import load_any
+
+    folder, _ = kv_prompt
+    lm = CTPLM(pretrained=str(tiny_dir("llama")), prompt=str(folder), device="cpu", batch_size=2)
+    assert lm.ctp_info["prompt_type"] == "kv"
+    pairs = [("import numpy", " as np"), ("def add(a, b):", " return a + b")]
+    got = [score for score, _ in lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])]
+    peft = PeftModel.from_pretrained(load_any(str(tiny_dir("llama")), device="cpu"), str(folder)).eval()
+    for (context, continuation), score in zip(pairs, got):
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        full = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(peft(input_ids=torch.tensor([full])).logits[0].float(), -1)
+        want = sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
+        assert score == pytest.approx(want, abs=1e-4)

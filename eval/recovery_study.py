@@ -1,0 +1,269 @@
+"""The recovery study: what repairs a compressed model most per parameter, and does it carry to
+compressed copies it was never trained on? On 2 CPU cores.
+
+    python eval/recovery_study.py --preset smollm2     # recipes/recovery-smollm2.yaml (resumable)
+    python eval/recovery_study.py --preset gemma3      # recipes/recovery-gemma3.yaml
+
+1. The preset's recipe through ``ctp run`` (resumable: finished compressions and prompts are
+   kept): the compressed copies, every prompt cell, and every prompt scored on every copy (the
+   transfer matrix, test split).
+2. The dense model behind each prompt tuned on it (``@dense``), on the same test windows: what a
+   recipe does with no compression to undo (net recovery).
+3. LoRA r=8 on every decoder Linear of the two main targets, with the prompts' data, steps,
+   schedule, seed and honest loss (BOS by the rule), lr 1e-3: the ceiling, with its parameters.
+
+Recovery is a share of the log-perplexity gap against the dense model: gross =
+``(log ppl_c - log ppl_c+p) / (log ppl_c - log ppl_d)``; net subtracts what the same recipe does
+for the dense model: ``(gap before - gap after) / gap before`` with gap after =
+``log ppl_c+p - log ppl_d+p``. A distillation prompt's dense counterpart is the dense model
+itself (its target is the dense model), so its net equals its gross. Writes
+``eval/results/recovery-PRESET.{json,md}`` and the transfer heatmap ``recovery-PRESET.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ctp.config import PromptConfig  # noqa: E402
+from ctp.data import load_text, tokenize  # noqa: E402
+from ctp.evaluation.perplexity import perplexity_of_ids  # noqa: E402
+from ctp.evaluation.transfer import gap_recovered, transfer_table  # noqa: E402
+from ctp.lm import bos_token, context_cache, spread_windows, token_nlls, window_nlls, windows_of  # noqa: E402
+from ctp.models import load_any, load_tokenizer  # noqa: E402
+from ctp.prompt.kinds import context_of, load_prompt  # noqa: E402
+from ctp.prompt.state import lr_factor  # noqa: E402
+from ctp.recipe import load_recipe, run_recipe  # noqa: E402
+from ctp.zoo import weights_note  # noqa: E402
+
+RESULTS = REPO / "eval" / "results"
+PRESETS = {
+    "smollm2": dict(recipe=REPO / "recipes" / "recovery-smollm2.yaml",
+                    main=("wanda-50pct+nf4", "sparsegpt-50pct+nf4-obs")),
+    "gemma3": dict(recipe=REPO / "recipes" / "recovery-gemma3.yaml",
+                   main=("wanda-50pct+nf4", "sparsegpt-50pct+nf4-obs")),
+}
+
+
+def net_recovered(dense: float, compressed: float, dense_prompted: float, prompted: float) -> float:
+    """Share of the compression gap undone beyond what the same recipe does for the dense model."""
+    before = math.log(compressed) - math.log(dense)
+    after = math.log(prompted) - math.log(dense_prompted)
+    return (before - after) / before
+
+
+def train_lora(folder: str, config: PromptConfig, train: torch.Tensor, val: torch.Tensor,
+               bos: int | None) -> tuple[torch.nn.Module, dict]:
+    """LoRA r=8 (alpha 16) on every decoder Linear of the frozen model in ``folder``: the prompt
+    recipe's steps, schedule, warm-up, clip, seed, batch and windows, at lr 1e-3; the honest loss
+    (ctp.lm.token_nlls: the real tokens' next-token NLL, after BOS by the rule, recomputed each
+    step since LoRA changes BOS's keys too); keeps the weights with the best validation ppl."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    model = load_any(folder, device="cpu")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and ".layers." in name})
+    torch.manual_seed(config.seed)
+    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16,
+                                                  lora_dropout=0.0, target_modules=targets))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.steps,
+                                                                       config.warmup_steps))
+    chunks = windows_of(train, config.seqlen)
+    val_windows = spread_windows(val, config.seqlen, config.eval_windows)
+    order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(config.seed * 1_000_003))
+
+    def validate() -> float:
+        peft_model.eval()
+        with torch.no_grad():
+            return math.exp(window_nlls(peft_model, val_windows, context_of(peft_model, None, bos), 8).mean().item())
+
+    best, best_step, best_state, train_time = validate(), 0, [p.detach().clone() for p in params], 0.0
+    for step in range(config.steps):
+        started = time.time()
+        ids = chunks[order[(step * config.batch_size) % len(order):][:config.batch_size]]
+        # BOS's keys and values depend on the adapter: recomputed, with gradients (None: no BOS)
+        loss = token_nlls(peft_model, ids, context_cache(peft_model, None, bos)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_time += time.time() - started
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            ppl = validate()
+            if ppl < best:
+                best, best_step, best_state = ppl, step + 1, [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, saved in zip(params, best_state):
+            p.copy_(saved)
+    peft_model.eval()
+    return peft_model, {"params": sum(p.numel() for p in params), "best_val_ppl": best,
+                        "best_step": best_step, "steps": config.steps,
+                        "seconds_per_step": train_time / max(1, config.steps)}
+
+
+def prompt_row(name: str, folder: Path) -> dict:
+    meta = json.loads((folder / "ctp_prompt.json").read_text())
+    cfg = meta["prompt_config"]
+    train_seconds = meta.get("train_seconds_this_run") or 0.0
+    width = meta["hidden_size"] if meta.get("prompt_type", "input") == "input" else \
+        meta["kv_layers"] * 2 * meta["kv_heads"] * meta["head_dim"]
+    objective = meta.get("objective", "nll") if meta["steps"] else "none (0 steps)"
+    return {"name": name, "kind": meta.get("prompt_type", "input"), "objective": objective,
+            "tokens": meta["num_virtual_tokens"], "params": meta["num_virtual_tokens"] * width,
+            "steps": meta["steps"], "best_step": meta["best_step"], "best_val_ppl": meta["best_val_ppl"],
+            "seconds_per_step": train_seconds / meta["steps"] if meta["steps"] else 0.0,
+            "init": cfg["init"], "trained_on": meta.get("compression_label")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, required=True)
+    p.add_argument("--workdir", help="override the recipe's workdir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe entry (as ctp run --set), e.g. for a smoke run")
+    p.add_argument("--results", default=str(RESULTS), help="where the tables go")
+    p.add_argument("--no-lora", action="store_true", help="skip the LoRA ceiling")
+    p.add_argument("--smoke", action="store_true",
+                   help="a quick run of every step (2 training steps, 4 windows): checks the pipeline, "
+                        "measures nothing; use with --workdir and --results elsewhere")
+    args = p.parse_args()
+    preset = PRESETS[args.preset]
+    results = Path(args.results)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    recipe = load_recipe(preset["recipe"], args.set)
+    if args.workdir:
+        recipe.workdir = Path(args.workdir)
+    if args.smoke:
+        import dataclasses
+
+        for name, config in recipe.compress.items():
+            recipe.compress[name] = dataclasses.replace(config, nsamples=4)
+        for step in recipe.prompts.values():
+            step.config = dataclasses.replace(step.config, steps=min(step.config.steps or 0, 2), eval_every=1,
+                                              eval_windows=2, save_every=1)
+        recipe.eval = dataclasses.replace(recipe.eval, max_windows=2)
+    matrix = run_recipe(recipe, progress=False)  # resumable: finished steps are skipped
+    results.mkdir(parents=True, exist_ok=True)
+    stem = f"recovery-{args.preset}"
+    shutil.copyfile(recipe.workdir / "results" / "transfer.png", results / f"{stem}.png")
+    log_path = results / f"{stem}.jsonl"
+    done = {json.loads(line)["name"]: json.loads(line) for line in log_path.read_text().splitlines()} \
+        if log_path.exists() else {}
+
+    def record(name: str, row: dict) -> dict:
+        if name not in done:
+            done[name] = {"name": name, **row}
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(done[name]) + "\n")
+        return done[name]
+
+    ev = recipe.eval
+    tokenizer = load_tokenizer(recipe.model)
+    workdir = recipe.workdir
+    dense_ppl = matrix["dense"]["ppl"]
+    dense_prompts = [n for n, s in recipe.prompts.items() if s.targets == ["dense"]]
+    if any(f"dense+{n}" not in done for n in dense_prompts):
+        dense = load_any(recipe.model, device="cpu")
+        bos = bos_token(ev.bos, dense.config, tokenizer)
+        test = tokenize(tokenizer, load_text(ev.ppl[0], ev.split), bos)
+        for n in dense_prompts:
+            if f"dense+{n}" not in done:
+                context = context_of(dense, load_prompt(workdir / "prompts" / n), bos)
+                record(f"dense+{n}", {"ppl": perplexity_of_ids(dense, test, matrix["seqlen"], context, ev.batch_size,
+                                                               ev.max_windows).ppl})
+        del dense
+    models = {Path(m["model"]).name: (i, m) for i, m in enumerate(matrix["models"])}
+    prompts = {Path(q["prompt"]).name: j for j, q in enumerate(matrix["prompts"])}
+    summary = []
+    for name, step in recipe.prompts.items():
+        if step.targets == ["dense"] or len(step.targets) > 1:
+            continue
+        target = step.targets[0]
+        i, row = models[target]
+        cell = matrix["cells"][i][prompts[name]]
+        info = prompt_row(name, workdir / "prompts" / name)
+        counterpart = None
+        if info["objective"] == "nll":  # the same recipe on the dense model, if the study has it
+            counterpart = next((f"dense+{d}" for d in dense_prompts
+                                if recipe.prompts[d].config.prompt_type == step.config.prompt_type
+                                and recipe.prompts[d].config.objective == "nll"
+                                and recipe.prompts[d].config.num_virtual_tokens == step.config.num_virtual_tokens), None)
+        # a distillation prompt (or a start no loss shaped) on the dense model is the dense model
+        dense_prompted = done[counterpart]["ppl"] if counterpart else (
+            dense_ppl if info["objective"] != "nll" else None)
+        summary.append({**info, "target": row["label"], "dense": dense_ppl, "compressed": row["ppl"],
+                        "tuned": cell["ppl"], "gross": gap_recovered(dense_ppl, row["ppl"], cell["ppl"]),
+                        "dense_prompted": dense_prompted,
+                        "net": None if dense_prompted is None else
+                        net_recovered(dense_ppl, row["ppl"], dense_prompted, cell["ppl"])})
+    if not args.no_lora:
+        from transformers import AutoConfig
+
+        bos = bos_token(ev.bos, AutoConfig.from_pretrained(matrix["models"][0]["model"]), tokenizer)
+        for target in preset["main"]:
+            name = f"lora-{target}"
+            folder = str(workdir / "models" / target)
+            i, row = models[target]
+            if name not in done:
+                config = next(s.config for s in recipe.prompts.values() if s.targets == [target])
+                train = tokenize(tokenizer, load_text(config.data, "train"), bos)
+                val = tokenize(tokenizer, load_text(config.data, "validation"), bos)
+                peft_model, meta = train_lora(folder, config, train, val, bos)
+                test = tokenize(tokenizer, load_text(ev.ppl[0], ev.split), bos)
+                with torch.no_grad():
+                    ppl = perplexity_of_ids(peft_model, test, matrix["seqlen"], context_of(peft_model, None, bos),
+                                            ev.batch_size, ev.max_windows).ppl
+                record(name, {"ppl": ppl, **meta})
+            lora = done[name]
+            summary.append({"name": name, "kind": "LoRA r=8", "objective": "nll", "tokens": None,
+                            "params": lora["params"], "steps": lora["steps"], "best_step": lora["best_step"],
+                            "best_val_ppl": lora["best_val_ppl"], "seconds_per_step": lora["seconds_per_step"],
+                            "target": row["label"], "dense": dense_ppl, "compressed": row["ppl"],
+                            "tuned": lora["ppl"], "gross": gap_recovered(dense_ppl, row["ppl"], lora["ppl"]),
+                            "dense_prompted": None, "net": None})
+    write(stem, summary, matrix, {n: done[f"dense+{n}"]["ppl"] for n in dense_prompts}, ev.max_windows, results)
+
+
+def write(stem: str, summary: list[dict], matrix: dict, dense_rows: dict, windows: int, results: Path) -> None:
+    note = weights_note(matrix["dense"]["model"]) or ""
+    lines = [f"{note} Test perplexity ({matrix['data']} test split, first {windows} windows of "
+             f"{matrix['seqlen']} tokens, BOS {matrix.get('bos', 'auto')}); dense {matrix['dense']['ppl']:.3f}.", "",
+             "| target | prompt | kind | objective | parameters | best step / steps | s/step | ppl compressed | "
+             "ppl with it | gross | dense with the same recipe | net |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in summary:
+        dense_prompted = f"{r['dense_prompted']:.3f}" if r["dense_prompted"] else ""
+        net = f"{r['net'] * 100:.1f}%" if r["net"] is not None else ""
+        lines.append(f"| {r['target']} | {r['name']} | {r['kind']} | {r['objective']} | {r['params']:,} | "
+                     f"{r['best_step']} / {r['steps']} | {r['seconds_per_step']:.2f} | {r['compressed']:.3f} | "
+                     f"{r['tuned']:.3f} | {r['gross'] * 100:.1f}% | {dense_prompted} | {net} |")
+    if dense_rows:
+        lines += ["", "The dense model behind the prompts tuned on it: " + ", ".join(
+            f"{n} {v:.3f}" for n, v in dense_rows.items()) + "."]
+    text = "\n".join(lines) + "\n\n" + transfer_table(matrix) + "\n"
+    (results / f"{stem}.md").write_text(text)
+    (results / f"{stem}.json").write_text(json.dumps({"summary": summary, "dense_prompted": dense_rows,
+                                                      "transfer": matrix}, indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
