@@ -95,7 +95,7 @@ def _public(name: Any, recorded_local: bool | None = None) -> Any:
 # ``prompt`` (ctp_prompt.json, ctp_stitch.json, ctp_compression.json), ``calib`` / ``data`` /
 # ``val_data`` (the configs) and ``source`` (calibration / training / validation records).
 PATH_KEYS = frozenset({"base_model_name_or_path", "_name_or_path", "name_or_path", "model",
-                       "base_model", "prompt", "calib", "data", "val_data", "source"})
+                       "base_model", "prompt", "calib", "data", "val_data", "source", "teacher"})
 
 
 def publish_paths(obj: Any, key: str | None = None, recorded_local: bool | None = None) -> Any:
@@ -199,7 +199,17 @@ def _prompt_section(meta: dict[str, Any]) -> list[str]:
     """The card's soft-prompt section, from a :func:`publish_paths` ``ctp_prompt.json``."""
     train, val = meta.get("training_data") or {}, meta.get("validation_data") or {}
     cfg = meta.get("prompt_config") or {}
-    rows = [("virtual tokens", f"{meta.get('num_virtual_tokens')} (hidden size {meta.get('hidden_size')})"),
+    kind = _prompt_kind(meta)
+    shape = (f"hidden size {meta.get('hidden_size')}" if kind == "input" else
+             f"{meta.get('kv_layers')} layers x {meta.get('kv_heads')} key/value heads x head size "
+             f"{meta.get('head_dim')}")
+    objective = meta.get("objective", "nll")
+    teacher = f" (teacher `{meta.get('teacher')}`)" if meta.get("teacher") else ""
+    bos = meta.get("bos_token_id")
+    rows = [("kind", _KIND_TEXT[kind]),
+            ("virtual tokens", f"{meta.get('num_virtual_tokens')} ({shape})"),
+            ("objective", _OBJECTIVES.get(objective, objective) + teacher),
+            ("BOS", "none" if bos is None else f"token {bos} before every window, then the prompt"),
             ("trained on", f"`{meta.get('compression_label') or 'dense'}` copy of `{meta.get('base_model')}`"),
             ("training", (f"{meta.get('steps')} steps of {meta.get('global_batch')} windows of "
                           f"{meta.get('seqlen')} tokens from `{train.get('source')}` (train split)"))]
@@ -236,11 +246,46 @@ def _usage(kind: str, repo: str, meta: dict[str, Any] | None) -> list[str]:
                 f'model = PeftModel.from_pretrained(model, "{repo}")')
         shell = f"ctp eval COMPRESSED_MODEL_DIR --prompt {local} --ppl wikitext2"
     lines = ["## Usage", "", "```python", code, "```", ""]
-    if meta:
+    if meta and meta.get("prompt_type", "input") == "input":
         lines += [(f"The outputs start with {meta.get('num_virtual_tokens')} positions for the virtual "
                    "tokens; drop them before reading logits."), ""]
+    elif meta:
+        lines += ["A key/value prompt adds keys and values to every layer, no positions: the outputs "
+                  "are the text's own.", ""]
     return lines + ["Perplexity with ctp (`hf download` fetches the folder):", "", "```bash",
                     f"hf download {repo} --local-dir {local}", shell, "```", ""]
+
+
+_KIND_TEXT = {"input": "an input prompt: a PEFT prompt-tuning adapter, n embeddings before the text",
+              "kv": "a key/value prompt: a PEFT prefix-tuning adapter, n keys and values in every layer"}
+_KIND_TAGS = {"input": "prompt-tuning", "kv": "prefix-tuning"}
+_OBJECTIVES = {"nll": "next-token loss on the training text (the paper's)",
+               "kd": "distillation: the KL divergence from the dense model's next-token distribution",
+               "nll+kd": "next-token loss and distillation, mixed"}
+
+
+def _prompt_kind(meta: dict[str, Any] | None) -> str:
+    return (meta or {}).get("prompt_type", "input")
+
+
+def _named_source(base: Any) -> Any:
+    named = NAMED_MODELS.get(base) if isinstance(base, str) else None
+    return named.source if named is not None else None
+
+
+def _license(base: Any) -> str | None:
+    """The Hub licence id of a named model the weights derive from (None: unknown, say nothing)."""
+    source = _named_source(base)
+    return source.hub_license if source is not None else None
+
+
+def _terms(base: Any) -> str:
+    """What the card must say about a named base's weights and licence."""
+    source = _named_source(base)
+    if source is None:
+        return ""
+    return (f"The weights derive from {source.upstream} under {source.license}; its \"dense\" weights "
+            f"are {source.weights}.")
 
 
 def build_card(folder: str | os.PathLike, repo_id: str | None = None) -> str:
@@ -269,15 +314,21 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None) -> str:
         base_model_relation=relation if _hub_id(raw_base, base_local) else None,
         library_name="peft" if kind == PROMPT else "transformers", pipeline_tag="text-generation",
         datasets=list(dict.fromkeys(d for d in map(_dataset, sources) if d)) or None,
-        tags=["ctp", *_compression_tags(compression), *(["soft-prompt", "prompt-tuning"] if meta else [])],
+        tags=["ctp", *_compression_tags(compression), *(["soft-prompt", _KIND_TAGS[_prompt_kind(meta)]]
+                                                         if meta else [])],
+        license=_license(base),
     )
     base_text = f"`{base}`" + (f" ({NAMED_MODELS[base].description})" if base in NAMED_MODELS else "")
     what = {COMPRESSED: f"A compressed copy of {base_text}: {_describe(compression)}. An ordinary "
                         "transformers checkpoint; loading it needs bitsandbytes when it is quantized.",
-            PROMPT: "A soft prompt (PEFT prompt-tuning adapter) that recovers quality lost by compressing "
-                    f"{base_text}: {_describe(compression)}.",
-            PAIR: f"A copy of {base_text}, {_describe(compression)}, with a soft prompt (PEFT "
-                  "prompt-tuning adapter) in `prompt/` that recovers quality lost by compression."}[kind]
+            PROMPT: f"A soft prompt ({_KIND_TEXT[_prompt_kind(meta)]}) that recovers quality lost by "
+                    f"compressing {base_text}: {_describe(compression)}.",
+            PAIR: f"A copy of {base_text}, {_describe(compression)}, with a soft prompt "
+                  f"({_KIND_TEXT[_prompt_kind(meta)]}) in `prompt/` that recovers quality lost by "
+                  "compression."}[kind]
+    terms = _terms(base)
+    if terms:
+        what += " " + terms
     cite = (' Made with ctp (Compress, Then Prompt; Xu et al., "Soft Prompt Recovers Compressed LLMs, '
             'Transferably", ICML 2024).')
     body = [f"# {(repo_id or path.resolve().name).split('/')[-1]}", "", what + cite, ""]

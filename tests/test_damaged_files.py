@@ -217,20 +217,20 @@ def test_non_finite_weights_are_an_error_not_a_perplexity(valid, tmp_path, capfd
 def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
     """A loss that turns NaN mid-run stops tune-prompt with a clear error; the checkpoint
     written before stays, and resuming from it is possible."""
-    import ctp.prompt.tune as tune_mod
     from ctp.artifacts import find_checkpoint, load_checkpoint
     from ctp.errors import CTPError
+    from ctp.prompt.objective import Objective
     from conftest import tiny_model
 
     calls = {"n": 0}
-    real = tune_mod.token_nlls
+    real = Objective.loss
 
-    def diverging(model, ids, prompt=None):
+    def diverging(self, model, ids, context):
         calls["n"] += 1
-        out = real(model, ids, prompt)
+        out = real(self, model, ids, context)
         return out * float("nan") if calls["n"] > 5 else out
 
-    monkeypatch.setattr(tune_mod, "token_nlls", diverging)
+    monkeypatch.setattr(Objective, "loss", diverging)
     text = torch.randint(0, 60, (4000,), generator=torch.Generator().manual_seed(0))
     config = PromptConfig(num_virtual_tokens=2, steps=10, seqlen=32, batch_size=2, eval_every=5,
                           eval_windows=2, save_every=4)
