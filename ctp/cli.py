@@ -159,8 +159,8 @@ def cmd_tune_prompt(args: argparse.Namespace) -> int:
 
     config = config_from_flags(PromptConfig, args)
     if (args.model is None) == (args.targets is None):
-        raise CTPError("give the model to tune on, or --targets A,B,... (several compressed copies "
-                       "of one base), not both")
+        raise CTPError("give the model to tune on or --targets A,B,... (several compressed copies of "
+                       "one base): " + ("not both" if args.model else "neither was given"))
     models = args.targets if args.targets is not None else args.model
     result = tune_prompt(models, config, args.out, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress)

@@ -153,3 +153,13 @@ def test_lm_eval_plugin_scores_a_kv_prompt_as_peft_does(kv_prompt, tiny_dir, tok
             logp = torch.log_softmax(peft(input_ids=torch.tensor([full])).logits[0].float(), -1)
         want = sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
         assert score == pytest.approx(want, abs=1e-4)
+
+
+def test_the_card_of_a_kv_prompt_says_which_kind(kv_prompt):
+    from ctp.hub import build_card
+
+    folder, _ = kv_prompt
+    card = build_card(folder, "user/kv")
+    assert "key/value prompt: a PEFT prefix-tuning adapter" in card and "prefix-tuning" in card
+    assert "2 layers x 2 key/value heads x head size 16" in card and "no positions" in card
+    assert "drop them before reading logits" not in card
