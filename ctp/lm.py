@@ -31,9 +31,9 @@ from .errors import CTPError
 from .head import final_hidden, nll_fn, output_head, per_token_losses
 
 
-def model_context(model: nn.Module) -> int | None:
-    """The model's maximum sequence length from its config, if it states one."""
-    config = getattr(model, "config", None)
+def model_context(model: nn.Module | Any) -> int | None:
+    """The maximum sequence length a model (or its config) states, if it states one."""
+    config = getattr(model, "config", model)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

@@ -165,3 +165,17 @@ def test_lm_eval_plugin_puts_the_prompt_after_bos(gemma_dir, tmp_path, tokenizer
             want = sum(logp[start + i, t].item() for i, t in enumerate(cont))
         assert score == pytest.approx(want, abs=1e-4)
     assert lm.ctp_info["bos_token_id"] == bos
+
+
+def test_a_bos_the_tokenizer_adds_is_not_read_twice():
+    """Tokenizers that put BOS at the start of a text (Gemma's, Llama's): under a rule that puts
+    BOS before every window, the text's own leading BOS is dropped; without the rule it stays."""
+    from ctp.data import tokenize
+
+    class AddsBos:
+        def __call__(self, text, **kwargs):
+            return {"input_ids": [7] + [ord(c) for c in text]}
+
+    assert tokenize(AddsBos(), "ab", bos=7).tolist() == [97, 98]
+    assert tokenize(AddsBos(), "ab").tolist() == [7, 97, 98]
+    assert tokenize(AddsBos(), "ab", bos=5).tolist() == [7, 97, 98]  # another id: not a BOS to drop

@@ -40,8 +40,8 @@ from ..config import PromptConfig, to_dict
 from ..data import SOURCE_NAMES, load_text, source_label, tokenize
 from ..errors import CTPError
 from ..lm import bos_token, input_device, model_context, spread_windows, window_nlls, windows_of
-from ..models import (checkpoint_layers, load_any, load_tokenizer, resolve_model, tokenizer_fingerprint,
-                      weights_fingerprint)
+from ..models import (check_supported, checkpoint_layers, load_any, load_tokenizer, resolve_model,
+                      tokenizer_fingerprint, weights_fingerprint)
 from ..plots import plot_training_curve
 from ..runtime import autocast_for, disable_cpu_packing_, resolve_device
 from .kinds import SoftPrompt, context_of, initial_prompt
@@ -122,11 +122,11 @@ def training_text(config: PromptConfig) -> tuple[str, str]:
                    "checkpoint selection")
 
 
-def _prepare_data(config: PromptConfig, model: nn.Module, tokenizer: Any, extra: int,
+def _prepare_data(config: PromptConfig, model_config: Any, tokenizer: Any, bos: int | None,
                   train_ids: torch.Tensor | None, val_ids: torch.Tensor | None) -> _Data:
-    """Window length (checked against the context, with ``extra`` positions -- BOS -- before
-    the prompt) and the tokenized windows."""
-    n, context = config.num_virtual_tokens + extra, model_context(model)
+    """Window length (checked against the context of the model ``model_config`` describes, with
+    BOS before the prompt) and the tokenized windows."""
+    n, context = config.num_virtual_tokens + int(bos is not None), model_context(model_config)
     if context is not None and n >= context:
         raise CTPError(f"num_virtual_tokens {config.num_virtual_tokens} must be below the model's "
                        f"context of {context}")
@@ -142,7 +142,6 @@ def _prepare_data(config: PromptConfig, model: nn.Module, tokenizer: Any, extra:
         if tokenizer is None:
             raise CTPError("tune_prompt needs a tokenizer, or train_ids and val_ids")
         train_text, val_text = training_text(config)
-        bos = bos_token(config.bos, model.config, tokenizer)
         train_ids = tokenize(tokenizer, train_text, bos) if train_ids is None else train_ids
         val_ids = tokenize(tokenizer, val_text, bos) if val_ids is None else val_ids
     if train_ids.numel() < seqlen:
@@ -174,14 +173,14 @@ def _load_copies(models: list[str | nn.Module], config: PromptConfig, device: to
     """Load every target (folders) or take them (models), frozen; check that several share a
     tokenizer and a base model. Returns the copies and the tokenizer."""
     copies, fingerprints = [], set()
-    for model in models:
+    for i, model in enumerate(models):
         name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
         if isinstance(model, str):
             loaded = load_any(model, device=device)
-            own = load_tokenizer(model)
-            if tokenizer is not None and tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer):
-                raise CTPError(f"the targets do not share a tokenizer: {model} has another one")
-            tokenizer = tokenizer or own
+            if i and tokenizer_fingerprint(load_tokenizer(model)) != tokenizer_fingerprint(tokenizer):
+                raise CTPError(f"the targets do not share a tokenizer: {model} has another one "
+                               f"than {models[0]}")
+            tokenizer = tokenizer or load_tokenizer(model)
             model = loaded
         model.eval()
         for p in model.parameters():
@@ -348,10 +347,17 @@ def tune_prompt(
     if config.batch_size % len(models):
         raise CTPError(f"batch_size {config.batch_size} must be a multiple of the number of targets "
                        f"({len(models)}): each micro-batch is split evenly among them")
+    # the text is tokenized before any model is loaded: a fast tokenizer's peak memory over a
+    # long training text (1.9 GB for the embedded split with Gemma's) never adds to the model's
+    if isinstance(models[0], str):
+        model_config = check_supported(models[0])
+        tokenizer = tokenizer or load_tokenizer(models[0])
+    else:
+        model_config = models[0].config
+    data = _prepare_data(config, model_config, tokenizer, bos_token(config.bos, model_config, tokenizer),
+                         train_ids, val_ids)
     copies, tokenizer = _load_copies(models, config, procs.device, tokenizer)
     first = copies[0]
-    data = _prepare_data(config, first.model, tokenizer, int(first.bos is not None),
-                         train_ids, val_ids)  # before the teacher: a damaged file fails fast
     teacher, init_model = None, first.model
     if config.objective != "nll" or (config.prompt_type == "kv" and config.init_model == "dense"):
         dense, dense_name = _dense_base(config, first, procs.device)
