@@ -37,7 +37,7 @@ from ctp.data import load_text, tokenize  # noqa: E402
 from ctp.demo import EMBEDDED_CALIB, slug  # noqa: E402
 from ctp.evaluation.transfer import gap_recovered  # noqa: E402
 from ctp.evaluation.perplexity import perplexity_of_ids  # noqa: E402
-from ctp.lm import spread_windows, token_nlls, window_nlls, windows_of  # noqa: E402
+from ctp.lm import context_cache, spread_windows, token_nlls, window_nlls, windows_of  # noqa: E402
 from ctp.models import load_any, load_tokenizer, resolve_model  # noqa: E402
 from ctp.prompt.state import lr_factor  # noqa: E402
 from ctp.prompt.tune import tune_prompt  # noqa: E402
@@ -125,11 +125,15 @@ def run_peft(folder: Path, data: Data, method: str, settings: dict) -> dict:
 
 
 def train_adapter(folder: Path, train: torch.Tensor, val: torch.Tensor, method: str,
-                  config: PromptConfig, seqlen: int, batch: int):
-    """Train a PEFT prefix ("prefix") or LoRA r=8 on every decoder Linear ("lora") on the frozen
-    model in ``folder``: ``config``'s steps, lr, schedule, warmup, clip and seed, windows of
-    ``seqlen`` in a seeded order, ``batch`` per step, the honest loss (ctp.lm.token_nlls); keeps
-    the weights with the best validation perplexity. Returns (peft model, metadata)."""
+                  config: PromptConfig, seqlen: int, batch: int, lr: float | None = None,
+                  bos: int | None = None):
+    """Train a PEFT prefix ("prefix") or LoRA r=8 (alpha 16) on every decoder Linear ("lora") on
+    the frozen model in ``folder``: ``config``'s steps, lr (or ``lr``), schedule, warmup, clip and
+    seed, windows of ``seqlen`` in a seeded order, ``batch`` per step, the honest loss
+    (ctp.lm.token_nlls: the real tokens' next-token NLL, after BOS when ``bos`` is an id -- its
+    keys and values recomputed each step, with gradients, since the adapter changes them); keeps
+    the weights with the best validation perplexity (step 0 included). Returns (peft model,
+    metadata)."""
     from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 
     model = load_any(str(folder))
@@ -138,23 +142,30 @@ def train_adapter(folder: Path, train: torch.Tensor, val: torch.Tensor, method: 
     if method == "prefix":
         peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
     else:
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and name != "lm_head"})
         peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0,
-                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                 "gate_proj", "up_proj", "down_proj"])
+                                 target_modules=targets)
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(model, peft_config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr or config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.steps, config.warmup_steps))
     chunks = windows_of(train, seqlen)
     val_windows = spread_windows(val, seqlen, config.eval_windows)
     order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(config.seed * 1_000_003))
-    best, best_state, train_time = math.inf, None, 0.0
+
+    def validate() -> float:
+        peft_model.eval()
+        with torch.no_grad():
+            return math.exp(window_nlls(peft_model, val_windows, context_cache(peft_model, None, bos), 8).mean().item())
+
+    best, best_step, best_state, train_time = validate(), 0, [p.detach().clone() for p in params], 0.0
     for step in range(config.steps):
         started = time.time()
         peft_model.train()
         ids = chunks[order[(step * batch) % len(order):][:batch]]
-        loss = token_nlls(peft_model, ids).mean()
+        loss = token_nlls(peft_model, ids, context_cache(peft_model, None, bos)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
@@ -162,16 +173,15 @@ def train_adapter(folder: Path, train: torch.Tensor, val: torch.Tensor, method: 
         optimizer.zero_grad(set_to_none=True)
         train_time += time.time() - started
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            peft_model.eval()
-            ppl = math.exp(window_nlls(peft_model, val_windows, None, 8).mean().item())
+            ppl = validate()
             if ppl < best:
-                best, best_state = ppl, [p.detach().clone() for p in params]
+                best, best_step, best_state = ppl, step + 1, [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, saved in zip(params, best_state):
             p.copy_(saved)
     peft_model.eval()
-    return peft_model, {"params": sum(p.numel() for p in params),
-                        "seconds_per_step": train_time / config.steps, "best_val_ppl": best}
+    return peft_model, {"params": sum(p.numel() for p in params), "steps": config.steps, "best_step": best_step,
+                        "seconds_per_step": train_time / max(1, config.steps), "best_val_ppl": best}
 
 
 def main() -> None:

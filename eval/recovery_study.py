@@ -10,7 +10,8 @@ compressed copies it was never trained on? On 2 CPU cores.
 2. The dense model behind each prompt tuned on it (``@dense``), on the same test windows: what a
    recipe does with no compression to undo (net recovery).
 3. LoRA r=8 on every decoder Linear of the two main targets, with the prompts' data, steps,
-   schedule, seed and honest loss (BOS by the rule), lr 1e-3: the ceiling, with its parameters.
+   schedule, seed and honest loss (BOS by the rule), lr 1e-3 (eval/prompt_study.py's loop): the
+   ceiling, with its parameters.
 
 Recovery is a share of the log-perplexity gap against the dense model: gross =
 ``(log ppl_c - log ppl_c+p) / (log ppl_c - log ppl_d)``; net subtracts what the same recipe does
@@ -29,24 +30,23 @@ import math
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "eval"))
 
-from ctp.config import PromptConfig  # noqa: E402
 from ctp.data import load_text, tokenize  # noqa: E402
 from ctp.evaluation.perplexity import perplexity_of_ids  # noqa: E402
 from ctp.evaluation.transfer import gap_recovered, transfer_table  # noqa: E402
-from ctp.lm import bos_token, context_cache, spread_windows, token_nlls, window_nlls, windows_of  # noqa: E402
+from ctp.lm import bos_token  # noqa: E402
 from ctp.models import load_any, load_tokenizer  # noqa: E402
 from ctp.prompt.kinds import context_of, load_prompt  # noqa: E402
-from ctp.prompt.state import lr_factor  # noqa: E402
 from ctp.recipe import load_recipe, run_recipe  # noqa: E402
 from ctp.zoo import weights_note  # noqa: E402
+from prompt_study import train_adapter  # noqa: E402
 
 RESULTS = REPO / "eval" / "results"
 PRESETS = {
@@ -62,60 +62,6 @@ def net_recovered(dense: float, compressed: float, dense_prompted: float, prompt
     before = math.log(compressed) - math.log(dense)
     after = math.log(prompted) - math.log(dense_prompted)
     return (before - after) / before
-
-
-def train_lora(folder: str, config: PromptConfig, train: torch.Tensor, val: torch.Tensor,
-               bos: int | None) -> tuple[torch.nn.Module, dict]:
-    """LoRA r=8 (alpha 16) on every decoder Linear of the frozen model in ``folder``: the prompt
-    recipe's steps, schedule, warm-up, clip, seed, batch and windows, at lr 1e-3; the honest loss
-    (ctp.lm.token_nlls: the real tokens' next-token NLL, after BOS by the rule, recomputed each
-    step since LoRA changes BOS's keys too); keeps the weights with the best validation ppl."""
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    model = load_any(folder, device="cpu")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and ".layers." in name})
-    torch.manual_seed(config.seed)
-    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16,
-                                                  lora_dropout=0.0, target_modules=targets))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.steps,
-                                                                       config.warmup_steps))
-    chunks = windows_of(train, config.seqlen)
-    val_windows = spread_windows(val, config.seqlen, config.eval_windows)
-    order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(config.seed * 1_000_003))
-
-    def validate() -> float:
-        peft_model.eval()
-        with torch.no_grad():
-            return math.exp(window_nlls(peft_model, val_windows, context_of(peft_model, None, bos), 8).mean().item())
-
-    best, best_step, best_state, train_time = validate(), 0, [p.detach().clone() for p in params], 0.0
-    for step in range(config.steps):
-        started = time.time()
-        ids = chunks[order[(step * config.batch_size) % len(order):][:config.batch_size]]
-        # BOS's keys and values depend on the adapter: recomputed, with gradients (None: no BOS)
-        loss = token_nlls(peft_model, ids, context_cache(peft_model, None, bos)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_time += time.time() - started
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            ppl = validate()
-            if ppl < best:
-                best, best_step, best_state = ppl, step + 1, [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, saved in zip(params, best_state):
-            p.copy_(saved)
-    peft_model.eval()
-    return peft_model, {"params": sum(p.numel() for p in params), "best_val_ppl": best,
-                        "best_step": best_step, "steps": config.steps,
-                        "seconds_per_step": train_time / max(1, config.steps)}
 
 
 def prompt_row(name: str, folder: Path) -> dict:
@@ -226,7 +172,8 @@ def main() -> None:
                 config = next(s.config for s in recipe.prompts.values() if s.targets == [target])
                 train = tokenize(tokenizer, load_text(config.data, "train"), bos)
                 val = tokenize(tokenizer, load_text(config.data, "validation"), bos)
-                peft_model, meta = train_lora(folder, config, train, val, bos)
+                peft_model, meta = train_adapter(folder, train, val, "lora", config, config.seqlen,
+                                                 config.batch_size, lr=1e-3, bos=bos)
                 test = tokenize(tokenizer, load_text(ev.ppl[0], ev.split), bos)
                 with torch.no_grad():
                     ppl = perplexity_of_ids(peft_model, test, matrix["seqlen"], context_of(peft_model, None, bos),
