@@ -67,14 +67,16 @@ def net_recovered(dense: float, compressed: float, dense_prompted: float, prompt
 def prompt_row(name: str, folder: Path) -> dict:
     meta = json.loads((folder / "ctp_prompt.json").read_text())
     cfg = meta["prompt_config"]
-    train_seconds = meta.get("train_seconds_this_run") or 0.0
+    # training time per step of the run that finished it (a resumed run times only its own steps)
+    tokens_per_second = meta.get("train_tokens_per_second_this_run") or 0.0
     width = meta["hidden_size"] if meta.get("prompt_type", "input") == "input" else \
         meta["kv_layers"] * 2 * meta["kv_heads"] * meta["head_dim"]
     objective = meta.get("objective", "nll") if meta["steps"] else "none (0 steps)"
     return {"name": name, "kind": meta.get("prompt_type", "input"), "objective": objective,
             "tokens": meta["num_virtual_tokens"], "params": meta["num_virtual_tokens"] * width,
             "steps": meta["steps"], "best_step": meta["best_step"], "best_val_ppl": meta["best_val_ppl"],
-            "seconds_per_step": train_seconds / meta["steps"] if meta["steps"] else 0.0,
+            "seconds_per_step": (meta["global_batch"] * meta["seqlen"] / tokens_per_second
+                                 if meta["steps"] and tokens_per_second else 0.0),
             "init": cfg["init"], "trained_on": meta.get("compression_label")}
 
 
