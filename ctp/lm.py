@@ -181,6 +181,14 @@ def _frozen_update(layer: Any, key_states: torch.Tensor, value_states: torch.Ten
     return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
+def has_sliding_layers(config: Any) -> bool:
+    """Whether any layer of the model attends within a sliding window (its cache keeps only the
+    last ``sliding_window - 1`` slots, and its mask counts slots, padding included)."""
+    from transformers import DynamicCache
+
+    return any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config).layers)
+
+
 def check_cache_layer(layer: Any) -> None:
     """Refuse a cache layer type whose state after the context :func:`restore_layer` cannot set:
     only transformers' dynamic full-attention and sliding-window layers are known."""

@@ -179,3 +179,27 @@ def test_a_bos_the_tokenizer_adds_is_not_read_twice():
     assert tokenize(AddsBos(), "ab", bos=7).tolist() == [97, 98]
     assert tokenize(AddsBos(), "ab").tolist() == [7, 97, 98]
     assert tokenize(AddsBos(), "ab", bos=5).tolist() == [7, 97, 98]  # another id: not a BOS to drop
+
+
+def test_lm_eval_generation_on_a_bos_family_equals_ctp_generate(gemma_dir, tmp_path, tokenizer):
+    """generate_until through the plugin (BOS in the cache, left-padded requests) gives the greedy
+    tokens `ctp generate` gives for the same inputs (BOS, prompt, text in both)."""
+    from lm_eval.api.instance import Instance
+
+    from ctp.artifacts import write_prompt_folder
+    from ctp.evaluation.lm_eval_plugin import CTPLM
+    from ctp.generation import GenerateConfig, generate
+    from ctp.models import tokenizer_fingerprint
+
+    prompt = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)) * 0.3
+    folder = tmp_path / "prompt"
+    folder.mkdir()
+    write_prompt_folder(folder, prompt, "tiny", 2, 4, {
+        "num_virtual_tokens": 3, "hidden_size": 64, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "base_fingerprint": None, "prompt_config": {}, "best_val_ppl": 1.0})
+    contexts = ["def add(a, b):", "import numpy as"]
+    lm = CTPLM(pretrained=gemma_dir, prompt=str(folder), device="cpu", batch_size=2)
+    gen = {"until": ["\n\n\n"], "max_gen_toks": 4, "do_sample": False}
+    got = lm.generate_until([Instance("generate_until", {}, (c, dict(gen)), i) for i, c in enumerate(contexts)])
+    ours = generate(gemma_dir, contexts, str(folder), GenerateConfig(max_new_tokens=4, device="cpu"))
+    assert got == [o["text"] for o in ours["outputs"]]

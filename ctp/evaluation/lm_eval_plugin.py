@@ -34,7 +34,8 @@ from ..compression.pipeline import compress
 from ..config import CompressConfig, from_dict
 from ..errors import CTPError
 from ..config import BOS_RULES
-from ..lm import PromptCache, bos_token, decode, prompted_logits, stop_token_ids, token_picker
+from ..lm import (PromptCache, bos_token, decode, has_sliding_layers, prompted_logits, stop_token_ids,
+                  token_picker)
 from ..models import load_any, load_tokenizer, resolve_model
 from ..prompt.kinds import SoftPrompt, context_of, load_prompt
 from ..prompt.stitch import check_compatible
@@ -233,18 +234,33 @@ class CTPLM(HFLM):
             lead = context[rows, first] == self._bos
             mask[rows[lead], first[lead]] = 0
         pick = self._picker(generation_kwargs)
-        stopping = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
         eos = stop_token_ids(self._base, self.tokenizer)
         pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        new = max_length - context.shape[1]
+        if mask is not None and not bool(mask.all()) and has_sliding_layers(self._base.config):
+            # a sliding window counts cache slots, padding included: a left-padded row would see
+            # fewer real tokens in its window than alone, so each row is decoded by itself
+            real = [context[i:i + 1][:, mask[i].bool()] for i in range(context.shape[0])]
+            rows = [self._decode(r, None, new, stop, pick, eos, pad)[:, r.shape[1]:] for r in real]
+            longest = max(r.shape[1] for r in rows)
+            tails = [torch.cat([r, r.new_full((1, longest - r.shape[1]), pad)], dim=1) for r in rows]
+            return torch.cat([context, torch.cat(tails)], dim=1)
+        return self._decode(context, mask, new, stop, pick, eos, pad)  # HFLM slices the context off
+
+    def _decode(self, context: torch.Tensor, mask: torch.Tensor | None, new: int, stop: list[str],
+                pick: Callable[[torch.Tensor], torch.Tensor], eos: tuple[int, ...], pad: int) -> torch.Tensor:
+        """``context`` followed by up to ``new`` tokens decoded after the cache, until every row
+        has met one of ``stop`` or an EOS."""
+        stopping = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
         out = context
         with self._autocast():
-            for chosen in decode(self._base, context, self.prompt_cache, mask,
-                                 max_new_tokens=max_length - context.shape[1], pick=pick, eos_ids=eos,
-                                 pad_id=pad if pad is not None else (eos[0] if eos else 0)):
+            for chosen in decode(self._base, context, self.prompt_cache, mask, max_new_tokens=new,
+                                 pick=pick, eos_ids=eos, pad_id=pad):
                 out = torch.cat([out, chosen.unsqueeze(1)], dim=1)
                 if bool(stopping(out, None).all()):
                     break
-        return out  # HFLM slices the context off
+        return out
 
     @staticmethod
     def _picker(generation_kwargs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
