@@ -88,6 +88,9 @@ def main() -> None:
                    help="override a recipe entry (as ctp run --set), e.g. for a smoke run")
     p.add_argument("--results", default=str(RESULTS), help="where the tables go")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA ceiling")
+    p.add_argument("--only", metavar="NAME,...",
+                   help="run and tabulate only these prompt cells of the recipe, in this order (the rest of "
+                        "the recipe is left for a later run: finished cells are kept)")
     p.add_argument("--smoke", action="store_true",
                    help="a quick run of every step (2 training steps, 4 windows): checks the pipeline, "
                         "measures nothing; use with --workdir and --results elsewhere")
@@ -99,6 +102,12 @@ def main() -> None:
     recipe = load_recipe(preset["recipe"], args.set)
     if args.workdir:
         recipe.workdir = Path(args.workdir)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in recipe.prompts]
+        if unknown:
+            p.error(f"--only: no prompt cell {', '.join(unknown)} in {preset['recipe'].name}")
+        recipe.prompts = {n: recipe.prompts[n] for n in names}
     if args.smoke:
         import dataclasses
 

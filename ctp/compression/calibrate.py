@@ -8,6 +8,10 @@ so GPU memory holds one layer plus activations.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+
 from collections.abc import Callable
 from typing import Any
 
@@ -36,20 +40,50 @@ def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) 
     return obj
 
 
-def cast_parameters_(module: nn.Module, dtype: torch.dtype | dict[str, torch.dtype]) -> dict[str, torch.dtype]:
-    """Cast ``module``'s plain floating parameters in place to ``dtype`` -- one dtype, or the
-    ``{name: dtype}`` a previous call returned (parameters it does not name are left alone) --
-    and return the dtypes they had, by name. Buffers and quantized parameters (bitsandbytes'
-    own types) are left as they are."""
-    before = {}
+def cast_parameters_(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Cast ``module``'s plain floating parameters in place to ``dtype`` and return the tensors
+    they held, by name (for :func:`restore_parameters_`). Buffers and quantized parameters
+    (bitsandbytes' own types) are left as they are."""
+    held = {}
     for name, param in module.named_parameters():
-        if type(param) is not nn.Parameter or not param.is_floating_point():
+        if type(param) is not nn.Parameter or not param.is_floating_point() or param.dtype == dtype:
             continue
-        target = dtype.get(name) if isinstance(dtype, dict) else dtype
-        before[name] = param.dtype
-        if target is not None and param.dtype != target:
-            param.data = param.data.to(target)
-    return before
+        held[name] = param.data
+        param.data = param.data.to(dtype)
+    return held
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed by the layer just finished back to the operating system. glibc's
+    allocator otherwise keeps it in its heaps, and the resident size of a CPU compression grows
+    layer after layer by what the last layer's temporaries left behind (measured: +0.6 GB over 12
+    layers of a 220M model). No-op where the C library has no ``malloc_trim``."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def restore_parameters_(module: nn.Module, held: dict[str, torch.Tensor]) -> None:
+    """Write each parameter :func:`cast_parameters_` cast back into the very tensor it held
+    before (rounded to that tensor's dtype), and hold that tensor again. Writing into the old
+    storage rather than allocating a new one keeps a checkpoint loaded by memory map at its own
+    size: a fresh copy would sit beside the mapped pages, which stay resident for as long as
+    any weight of the file is held. Parameters replaced since (a Linear swapped for a quantized
+    one) are skipped."""
+    for name, param in module.named_parameters():
+        old = held.get(name)
+        if old is None or type(param) is not nn.Parameter:
+            continue
+        old.copy_(param.data)
+        param.data = old
 
 
 @torch.no_grad()
@@ -170,5 +204,6 @@ def layer_by_layer(
             run_layer(layer, inputs, kwargs, batch_size, outputs)
             inputs, outputs = outputs, inputs
         if held is not None:
-            cast_parameters_(layer, held)
+            restore_parameters_(layer, held)
         layer.to(home)
+        release_freed_memory()
