@@ -358,10 +358,12 @@ def _add_tune_prompt(sub: Any) -> None:
     p = sub.add_parser(
         "tune-prompt", help="learn a soft prompt on a (compressed) model",
         description="Learn a soft prompt that recovers a compressed model's quality, the model "
-                    "frozen: an input prompt (--prompt-type input: PEFT prompt tuning) or n keys "
-                    "and values in every layer (--prompt-type kv: PEFT prefix tuning), trained with "
-                    "next-token loss (--objective nll), distillation from the dense base (kd) or "
-                    "both. Keeps the prompt with the best validation perplexity (validation split, "
+                    "frozen. By default n keys and values in every layer (--prompt-type kv: PEFT "
+                    "prefix tuning) distilled from the dense base the target records (--objective "
+                    "kd), started from the dense model's keys and values over a training window "
+                    "(--init window): what measured best. The paper's setting is --prompt-type "
+                    "input --objective nll --init vocab (an input prompt, next-token loss; what a "
+                    "dense target takes). Keeps the prompt with the best validation perplexity (validation split, "
                     "never test) and writes a PEFT adapter folder plus ctp_prompt.json and "
                     "training_curve.png. Checkpoints go to OUT.work; --resume continues an "
                     "interrupted run exactly. Runs data-parallel under `accelerate launch`.",

@@ -124,7 +124,8 @@ def tune_step(model, ids, args, device, checkpointing: bool) -> dict:
     from ctp.config import PromptConfig
     from ctp.prompt.tune import tune_prompt
 
-    config = PromptConfig(num_virtual_tokens=args.virtual_tokens, steps=args.steps, lr=1e-3,
+    config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=args.virtual_tokens,
+                          steps=args.steps, lr=1e-3,
                           seqlen=args.train_seqlen, batch_size=args.batch_size, eval_every=10**6,
                           eval_windows=1, warmup_steps=0, precision="bf16",
                           gradient_checkpointing=checkpointing, device=str(device))

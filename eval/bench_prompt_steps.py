@@ -71,7 +71,7 @@ def _step_functions(args, model, tokenizer, bos, batch, variants):
     from ctp.prompt.state import init_prompt
 
     embed = model.get_input_embeddings()
-    start = init_prompt(PromptConfig(num_virtual_tokens=args.tokens), embed.weight, tokenizer)
+    start = init_prompt(PromptConfig(num_virtual_tokens=args.tokens, init="vocab"), embed.weight, tokenizer)
     teacher = None
     if any(v.startswith("kd") for v in variants):
         dense = load_any(args.model, device="cpu")

@@ -25,7 +25,8 @@ import json, resource, sys, torch
 from ctp.config import PromptConfig
 from ctp.prompt.tune import tune_prompt
 ids = torch.randint(0, 2048, (4 * 512 * 4 + 1024,), generator=torch.Generator().manual_seed(0))
-config = PromptConfig(num_virtual_tokens=10, steps=2, seqlen=512, batch_size=4, eval_every=10**6,
+config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=10, steps=2, seqlen=512,
+                      batch_size=4, eval_every=10**6,
                       eval_windows=1, warmup_steps=0, device="cpu",
                       gradient_checkpointing=sys.argv[2] == "on")
 result = tune_prompt(sys.argv[1], config, train_ids=ids, val_ids=ids[:1024], progress=False)

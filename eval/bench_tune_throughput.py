@@ -52,7 +52,8 @@ def peft_loop(folder: str, ids: torch.Tensor, steps: int, n: int, batch: int, se
 
 
 def ctp_loop(folder: str, ids: torch.Tensor, steps: int, n: int, batch: int, seqlen: int) -> float:
-    config = PromptConfig(num_virtual_tokens=n, data="embedded", steps=steps, lr=1e-2, seqlen=seqlen,
+    config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=n, data="embedded",
+                          steps=steps, lr=1e-2, seqlen=seqlen,
                           batch_size=batch, eval_every=10**6, eval_windows=1, warmup_steps=0,
                           device="cpu")
     result = tune_prompt(load_any(folder), config, train_ids=ids, val_ids=ids[: seqlen * 2],

@@ -12,8 +12,8 @@ embedded train split, next-token loss on the real tokens), once in each order:
 - ``prompt-first``: prompt, BOS, text -- the prompt as n+1 positions whose last is BOS's own
   embedding, frozen.
 
-Both are scored on the same test windows (the first 64 windows of 256 tokens of the embedded test
-split), and without a prompt (BOS, text). Writes ``eval/results/bos_order.json``.
+Both are scored on the same test windows (the first ``--test-windows``, default 64, windows of
+256 tokens of the embedded test split), and without a prompt (BOS, text). Writes ``eval/results/bos_order.json``.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a (compressed) model of a family that needs BOS")
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--test-windows", type=int, default=64, help="test windows of 256 tokens scored")
     p.add_argument("--out", default=str(REPO / "eval" / "results" / "bos_order.json"))
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -77,19 +78,21 @@ def main() -> None:
     bos_embed = model.get_input_embeddings()(torch.tensor([bos])).detach().float()
     train_ids = tokenize(tokenizer, load_text("embedded", "train", max_documents=1500), bos)
     chunks = windows_of(train_ids, 128)
-    config = PromptConfig(num_virtual_tokens=10, init="window")
+    config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=10, init="window")
     start = init_prompt(config, model.get_input_embeddings().weight, tokenizer, train_ids)
     test = tokenize(tokenizer, load_text("embedded", "test"), bos)
     with torch.no_grad():
-        bare = perplexity_of_ids(model, test, 256, context_cache(model, None, bos), 8, 64).ppl
-    result = {"model": args.model, "steps": args.steps, "batch": "4 x 128", "test": "embedded, 64 x 256",
+        bare = perplexity_of_ids(model, test, 256, context_cache(model, None, bos), 8, args.test_windows).ppl
+    result = {"model": args.model, "steps": args.steps, "batch": "4 x 128",
+              "test": f"embedded, {args.test_windows} x 256",
               "ppl_no_prompt": bare, "orders": {}}
     for order in ("bos-first", "prompt-first"):
         started = time.time()
         prompt = train(model, bos_embed, bos, start, chunks, args.steps, order)
         with torch.no_grad():
-            ppl = perplexity_of_ids(model, test, 256, cache(model, prompt, bos_embed, bos, order), 8, 64).ppl
-            untrained = perplexity_of_ids(model, test, 256, cache(model, start, bos_embed, bos, order), 8, 64).ppl
+            ppl = perplexity_of_ids(model, test, 256, cache(model, prompt, bos_embed, bos, order), 8,
+                                    args.test_windows).ppl
+            untrained = perplexity_of_ids(model, test, 256, cache(model, start, bos_embed, bos, order), 8, args.test_windows).ppl
         result["orders"][order] = {"ppl": ppl, "ppl_at_start": untrained, "seconds": round(time.time() - started, 1),
                                    "gain_log": math.log(bare) - math.log(ppl)}
         print(order, result["orders"][order], flush=True)

@@ -75,8 +75,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="embedded")
     p.add_argument("--workdir", help="where the compressed models go (default /tmp/ctp-eval-PRESET)")
+    p.add_argument("--max-windows", type=int, help="score only the first N windows of each text (default: "
+                                                     "the preset's)")
     args = p.parse_args()
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    if args.max_windows is not None:
+        if args.max_windows <= 0:
+            p.error("--max-windows must be positive")
+        preset["max_windows"] = args.max_windows
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.time()
     eval_config = EvalConfig(ppl=preset["ppl"], seqlen=preset["seqlen"], max_windows=preset["max_windows"],

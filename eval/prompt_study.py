@@ -60,7 +60,7 @@ TARGETS = {
 
 
 def prompt_config(**overrides) -> PromptConfig:
-    base = dict(num_virtual_tokens=50, init="vocab", data="embedded", steps=STEPS, lr=1e-2,
+    base = dict(prompt_type="input", objective="nll", num_virtual_tokens=50, init="vocab", data="embedded", steps=STEPS, lr=1e-2,
                 warmup_steps=40, schedule="linear", seqlen=SEQLEN, batch_size=BATCH,
                 eval_every=50, eval_windows=64, save_every=10_000, seed=0, device="cpu")
     base.update(overrides)

@@ -103,8 +103,8 @@ def test_bos_is_recorded_and_used_in_calibration_training_and_eval(gemma_dir, te
     assert report["calibration"]["bos_token_id"] == bos and report["compression"]["bos"] == "auto"
 
     ids = tokenize(tokenizer, load_text(str(text_file)))
-    config = PromptConfig(num_virtual_tokens=3, steps=1, lr=1e-9, seqlen=30, batch_size=2, eval_every=1,
-                          eval_windows=None, device="cpu")
+    config = PromptConfig(prompt_type="input", objective="nll", init="vocab", num_virtual_tokens=3, steps=1,
+                          lr=1e-9, seqlen=30, batch_size=2, eval_every=1, eval_windows=None, device="cpu")
     result = tune_prompt(str(out), config, tmp_path / "p", train_ids=ids, val_ids=ids, tokenizer=tokenizer,
                          progress=False)
     meta = json.loads((tmp_path / "p" / "ctp_prompt.json").read_text())

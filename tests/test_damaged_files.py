@@ -28,7 +28,7 @@ def valid(tmp_path_factory, tiny_dir):
     model = compress(str(base), CompressConfig(prune="wanda", quant="nf4"), root / "model",
                      calibration=calib_ids(4, 32), progress=False).out
     text = torch.randint(0, 60, (4000,), generator=torch.Generator().manual_seed(0))
-    tune_prompt(str(model), PromptConfig(num_virtual_tokens=4, steps=2, seqlen=32, batch_size=2,
+    tune_prompt(str(model), PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=4, steps=2, seqlen=32, batch_size=2,
                                          eval_every=2, eval_windows=4),
                 root / "prompt", train_ids=text, val_ids=text[:1000], progress=False)
     assert main(["stitch", str(root / "prompt"), str(model), "--out", str(root / "pair"),
@@ -93,7 +93,8 @@ def commands(root, out):
         "eval": ["eval", str(model), "--ppl", "embedded", "--max-windows", "2", "--json"],
         "eval --prompt": ["eval", str(model), "--prompt", str(prompt), "--ppl", "embedded",
                           "--max-windows", "2", "--json"],
-        "tune-prompt": ["tune-prompt", str(model), "--out", str(out), "--data", "embedded",
+        "tune-prompt": ["tune-prompt", str(model), "--out", str(out), "--prompt-type", "input",
+                        "--objective", "nll", "--data", "embedded",
                         "--num-virtual-tokens", "2", "--steps", "1", "--seqlen", "32",
                         "--eval-windows", "2", "--json"],
         "stitch": ["stitch", str(prompt), str(model), "--ppl", "embedded", "--max-windows", "2",
@@ -204,7 +205,8 @@ def test_non_finite_weights_are_an_error_not_a_perplexity(valid, tmp_path, capfd
     tensors[key] = torch.full_like(tensors[key], float("nan"))
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     for args in (["eval", str(folder), "--ppl", "embedded", "--max-windows", "2", "--json"],
-                 ["tune-prompt", str(folder), "--out", str(tmp_path / "p"), "--data", "embedded",
+                 ["tune-prompt", str(folder), "--out", str(tmp_path / "p"), "--prompt-type", "input",
+                  "--objective", "nll", "--data", "embedded",
                   "--num-virtual-tokens", "2", "--steps", "1", "--seqlen", "32", "--eval-windows", "2"]):
         capfd.readouterr()
         code = main([*args, "--no-progress"])
@@ -232,7 +234,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(Objective, "loss", diverging)
     text = torch.randint(0, 60, (4000,), generator=torch.Generator().manual_seed(0))
-    config = PromptConfig(num_virtual_tokens=2, steps=10, seqlen=32, batch_size=2, eval_every=5,
+    config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=2, steps=10, seqlen=32, batch_size=2, eval_every=5,
                           eval_windows=2, save_every=4)
     with pytest.raises(CTPError, match="non-finite .* at step 6.*last good checkpoint"):
         tune_prompt(tiny_model(), config, tmp_path / "p", train_ids=text, val_ids=text[:1000],

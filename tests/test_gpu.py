@@ -91,7 +91,7 @@ def test_tune_prompt_bf16_with_checkpointing_learns_and_matches_an_fp32_gradient
     from ctp.prompt.tune import tune_prompt
 
     folder = str(compressed["cuda"].out)
-    config = PromptConfig(num_virtual_tokens=4, steps=30, lr=0.05, seqlen=64, batch_size=4, eval_every=10,
+    config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=4, steps=30, lr=0.05, seqlen=64, batch_size=4, eval_every=10,
                           eval_windows=8, warmup_steps=0, device="cuda")
     result = tune_prompt(folder, config, tmp_path / "p", train_ids=ids_of(8000), val_ids=ids_of(2000, 1),
                          progress=False)
@@ -130,7 +130,7 @@ def test_stitch_on_cuda_equals_the_cpu(compressed, tmp_path, capfd):
     from ctp.cli import main
     from ctp.prompt.tune import tune_prompt
 
-    tune_prompt(str(compressed["cpu"].out), PromptConfig(num_virtual_tokens=4, steps=2, seqlen=32, batch_size=2,
+    tune_prompt(str(compressed["cpu"].out), PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=4, steps=2, seqlen=32, batch_size=2,
                                                         eval_every=2, eval_windows=2, device="cpu"),
                 tmp_path / "p", train_ids=ids_of(3000), val_ids=ids_of(600, 1), progress=False)
     reports = {}
@@ -153,7 +153,7 @@ def test_lm_eval_plugin_on_cuda_equals_the_cpu(compressed):
     generate = [Instance("generate_until", {}, ("The model", {"until": ["\n"], "max_gen_toks": 6}), 0)]
     from ctp.prompt.tune import tune_prompt
 
-    prompt = tune_prompt(str(compressed["cpu"].out), PromptConfig(num_virtual_tokens=4, steps=2, seqlen=32,
+    prompt = tune_prompt(str(compressed["cpu"].out), PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=4, steps=2, seqlen=32,
                                                                  batch_size=2, eval_every=2, eval_windows=2,
                                                                  device="cpu"),
                          compressed["cpu"].out.parent / "lm-eval-prompt", train_ids=ids_of(3000),

@@ -154,7 +154,7 @@ def artifacts(tmp_path_factory, tokenizer):
     comp = compress(model, CompressConfig(prune="wanda", quant="nf4"), root / "compressed",
                     tokenizer=tokenizer, calibration=calib_ids(4, 32), progress=False).out
     text = torch.randint(0, 60, (3000,), generator=torch.Generator().manual_seed(0))
-    tune_prompt(str(comp), PromptConfig(num_virtual_tokens=4, steps=4, lr=0.05, seqlen=32, batch_size=2,
+    tune_prompt(str(comp), PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=4, steps=4, lr=0.05, seqlen=32, batch_size=2,
                                         eval_every=2, eval_windows=4, data="embedded"),
                 root / "prompt", train_ids=text, val_ids=text[:1000], progress=False)
     save_stitched(str(root / "prompt"), str(comp), root / "pair")

@@ -128,4 +128,4 @@ def test_a_prompt_is_retuned_when_its_target_changes(tmp_path, tiny_dir, monkeyp
     assert calls == []  # nothing changed
     result = run_recipe(load_recipe(path, ["compress.m.sparsity=0.75"]), progress=False)
     assert len(calls) == 1  # the target changed: its prompt is tuned again
-    assert result["prompts"][0]["label"] == "p2@magnitude-75%"
+    assert result["prompts"][0]["label"] == "kv2-kd@magnitude-75%"  # the defaults: distilled, keys and values

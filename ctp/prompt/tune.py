@@ -201,10 +201,16 @@ def _dense_base(config: PromptConfig, copy: _Copy, device: torch.device) -> tupl
     ``ctp_compression.json`` names, else the target itself when it is dense."""
     name = config.teacher or copy.record.get("base_model")
     if copy.record.get("compression_label") == "dense" and config.teacher is None:
+        if config.objective != "nll":
+            raise CTPError(f"--objective {config.objective} distils the dense base into a compressed "
+                           "copy, and this target is the dense model itself (it would teach itself "
+                           "nothing): use --objective nll, or name another --teacher")
         return copy.model, str(copy.name)
     if not name:
         raise CTPError("no dense base is known for this target (it has no ctp_compression.json): "
-                       "name the teacher with --teacher")
+                       "name the teacher with --teacher, or use --objective nll"
+                       + (" --init-model target" if config.prompt_type == "kv" and config.init_model == "dense"
+                          else ""))
     if not Path(resolve_model(name)).exists() and ("/" in name and Path(name).is_absolute()):
         raise CTPError(f"the dense base {name} recorded in the target's metadata is not on this "
                        "machine: give --teacher")

@@ -52,3 +52,28 @@ def test_holding_fp16_computes_what_holding_fp32_computed(tiny_dir, config, monk
         assert torch.equal(dense_weight(a[name]).float(), dense_weight(b[name]).float()), name
     for (name, p), (_, q) in zip(now.named_parameters(), before.named_parameters()):
         assert p.dtype == q.dtype and torch.equal(p, q), name
+
+
+def test_cast_parameters_return_into_their_own_storage():
+    """A layer's parameters go to float32 for the work and come back rounded into the very tensors
+    they held (no second copy of the checkpoint beside memory-mapped pages); a parameter whose
+    module was replaced meanwhile is left alone."""
+    from ctp.compression.calibrate import cast_parameters_, restore_parameters_
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).half()
+    before = {n: (p.data, p.data.data_ptr()) for n, p in layer.named_parameters()}
+    held = cast_parameters_(layer, torch.float32)
+    assert set(held) == set(before) and all(p.dtype == torch.float32 for p in layer.parameters())
+    new = torch.randn(8, 8)
+    layer[0].weight.data.copy_(new)  # what pruning does to the float32 copy
+    restore_parameters_(layer, held)
+    for name, param in layer.named_parameters():
+        assert param.dtype == torch.float16 and param.data.data_ptr() == before[name][1]
+    assert torch.equal(layer[0].weight, new.half())  # rounded to the held dtype, as .to() rounds
+
+    held = cast_parameters_(layer, torch.float32)
+    kept = held["0.weight"].clone()
+    layer[0] = torch.nn.Identity()  # replaced (by a quantized module, in the pipeline)
+    restore_parameters_(layer, held)
+    assert torch.equal(held["0.weight"], kept) and layer[1].weight.dtype == torch.float16

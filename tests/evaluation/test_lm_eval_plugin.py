@@ -34,7 +34,7 @@ def setup(tmp_path_factory, tiny_dir):
     model_dir = tiny_dir("llama")
     prompt_dir = tmp_path_factory.mktemp("lm-eval") / "prompt"
     text = torch.randint(0, 2048, (4000,), generator=torch.Generator().manual_seed(0))
-    tune_prompt(str(model_dir), PromptConfig(num_virtual_tokens=4, steps=3, seqlen=32, batch_size=2,
+    tune_prompt(str(model_dir), PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=4, steps=3, seqlen=32, batch_size=2,
                                              eval_every=3, eval_windows=4, init="random"),
                 prompt_dir, train_ids=text, val_ids=text[:1000], progress=False)
     ctp = CTPLM(pretrained=str(model_dir), prompt=str(prompt_dir), device="cpu", batch_size=4)

@@ -30,7 +30,8 @@ def kv_prompt(tmp_path_factory, tiny_dir, tokenizer):
     from ctp.prompt.tune import tune_prompt
 
     folder = tmp_path_factory.mktemp("kv") / "p"
-    config = PromptConfig(prompt_type="kv", num_virtual_tokens=4, init="sample-vocab", init_model="target",
+    config = PromptConfig(prompt_type="kv", objective="nll", num_virtual_tokens=4, init="sample-vocab",
+                          init_model="target",
                           steps=3, lr=0.05, seqlen=32, batch_size=2, eval_every=3, eval_windows=4, device="cpu")
     result = tune_prompt(str(tiny_dir("llama")), config, folder, train_ids=ids_of(1, 3000, 1).flatten(),
                          val_ids=ids_of(1, 600, 2).flatten(), tokenizer=tokenizer, progress=False)
@@ -125,7 +126,8 @@ def test_steps_0_saves_the_initialisation_validated(tmp_path, tiny_dir, tokenize
     from ctp import PromptConfig
     from ctp.prompt.tune import tune_prompt
 
-    config = PromptConfig(prompt_type="kv", num_virtual_tokens=3, init="window", steps=0, seqlen=32,
+    config = PromptConfig(prompt_type="kv", objective="nll", num_virtual_tokens=3, init="window", steps=0,
+                          seqlen=32,
                           batch_size=2, eval_windows=4, device="cpu")
     result = tune_prompt(str(tiny_dir("llama")), config, tmp_path / "p", train_ids=ids_of(1, 2000, 5).flatten(),
                          val_ids=ids_of(1, 600, 6).flatten(), tokenizer=tokenizer, progress=False)

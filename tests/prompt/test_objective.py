@@ -47,7 +47,7 @@ def test_kd_loss_is_the_kl_from_the_teacher_at_the_scored_positions():
         assert Objective("kd", teacher=Teacher(student, None, "s")).loss(student, ids, None).item() < 1e-5
 
 
-def test_kd_tune_prompt_finds_the_dense_base_and_records_it(tmp_path, tiny_dir, tokenizer):
+def test_kd_tune_prompt_finds_the_dense_base_and_records_it(tmp_path, tiny_dir, tokenizer, capsys):
     """The default teacher is the dense base named in the target's ctp_compression.json;
     --teacher names another; a target with no known base is refused in one line."""
     from ctp import CompressConfig, PromptConfig
@@ -73,6 +73,16 @@ def test_kd_tune_prompt_finds_the_dense_base_and_records_it(tmp_path, tiny_dir, 
     assert main(args) == 2
     assert main([*args, "--teacher", base]) == 0
     assert json.loads((tmp_path / "q" / "ctp_prompt.json").read_text())["teacher"] == base
+    # the defaults (a kv prompt, distillation) on the dense model itself: refused, one line naming
+    # the way out; the paper's setting trains
+    dense = [a if a != str(tmp_path / "c") else base for a in args if a not in ("--objective", "kd")]
+    capsys.readouterr()
+    assert main([*dense, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dense model itself" in err[0] and "--objective nll" in err[0]
+    assert main([*dense, "--overwrite", "--objective", "nll"]) == 0
+    meta = json.loads((tmp_path / "q" / "ctp_prompt.json").read_text())
+    assert (meta["prompt_type"], meta["objective"], meta["prompt_config"]["init"]) == ("kv", "nll", "window")
 
 
 def test_one_prompt_on_several_targets(tmp_path, tiny_dir, tokenizer, monkeypatch):
@@ -99,7 +109,7 @@ def test_one_prompt_on_several_targets(tmp_path, tiny_dir, tokenizer, monkeypatc
     monkeypatch.setattr(Objective, "loss", lambda self, model, batch, ctx: seen.append(
         (id(model), batch.shape[0])) or real(self, model, batch, ctx))
     train, val = ids_of(1, 3000, 5).flatten(), ids_of(1, 600, 6).flatten()
-    config = PromptConfig(num_virtual_tokens=3, steps=2, lr=0.01, seqlen=32, batch_size=4, eval_every=2,
+    config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=3, steps=2, lr=0.01, seqlen=32, batch_size=4, eval_every=2,
                           eval_windows=4, device="cpu")
     result = tune_prompt(copies, config, tmp_path / "p", train_ids=train, val_ids=val, tokenizer=tokenizer,
                          progress=False)

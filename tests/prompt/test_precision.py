@@ -58,7 +58,7 @@ def test_training_keeps_dropout_off_even_with_checkpointing(tmp_path):
     seen_training = []
     for module in model.modules():
         module.register_forward_pre_hook(lambda m, a: seen_training.append(m.training))
-    config = PromptConfig(num_virtual_tokens=4, steps=4, lr=0.05, seqlen=32, batch_size=2, eval_every=2,
+    config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=4, steps=4, lr=0.05, seqlen=32, batch_size=2, eval_every=2,
                           eval_windows=4, gradient_checkpointing=True)
     result = tune_prompt(model, config, tmp_path / "p", train_ids=ids_of(3000), val_ids=ids_of(600, 1),
                          progress=False)
@@ -112,7 +112,7 @@ def test_best_val_ppl_is_what_ctp_eval_measures_even_under_autocast(tmp_path, ti
 
     model_dir = str(tiny_dir("llama"))
     val = ids_of(32 * 40, 1)
-    config = PromptConfig(num_virtual_tokens=4, steps=4, lr=0.05, seqlen=32, batch_size=2, eval_every=2,
+    config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=4, steps=4, lr=0.05, seqlen=32, batch_size=2, eval_every=2,
                           eval_windows=8, precision="bf16")
     result = tune_prompt(model_dir, config, tmp_path / "p", train_ids=ids_of(3000), val_ids=val,
                          progress=False)

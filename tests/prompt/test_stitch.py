@@ -29,7 +29,7 @@ def family(tmp_path_factory, tiny_dir):
     b = compress(str(base), CompressConfig(prune="magnitude", pattern="2:4", quant="none"), root / "mag",
                  progress=False).out
     text = torch.randint(0, 60, (6000,), generator=torch.Generator().manual_seed(0))
-    tune_prompt(str(a), PromptConfig(num_virtual_tokens=4, steps=10, lr=0.05, seqlen=32, batch_size=4,
+    tune_prompt(str(a), PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=4, steps=10, lr=0.05, seqlen=32, batch_size=4,
                                      eval_every=5, eval_windows=8),
                 root / "prompt", train_ids=text, val_ids=text[:2000], progress=False)
     return {"base": base, "a": str(a), "b": str(b), "prompt": str(root / "prompt"), "root": root}

@@ -25,7 +25,7 @@ def ids_of(n, seed=0, vocab=50):
 
 def test_training_loss_falls_and_best_prompt_is_kept(tmp_path):
     model = tiny_model("llama")
-    config = PromptConfig(num_virtual_tokens=4, steps=40, lr=0.05, seqlen=32, batch_size=4,
+    config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=4, steps=40, lr=0.05, seqlen=32, batch_size=4,
                           eval_every=10, eval_windows=8, warmup_steps=0)
     result = tune_prompt(model, config, tmp_path / "p", train_ids=ids_of(4000), val_ids=ids_of(800, 1),
                          progress=False)
@@ -50,7 +50,7 @@ def test_the_prompt_kept_is_the_best_by_validation_not_the_last(tmp_path):
     model = tiny_model("llama")
     train = ids_of(4000)  # tokens 0..49
     val = ids_of(800, 1) + 100  # tokens 100..149
-    config = PromptConfig(num_virtual_tokens=4, steps=30, lr=0.1, schedule="constant", seqlen=32,
+    config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=4, steps=30, lr=0.1, schedule="constant", seqlen=32,
                           batch_size=4, eval_every=5, eval_windows=8, warmup_steps=0)
     result = tune_prompt(model, config, tmp_path / "p", train_ids=train, val_ids=val, progress=False)
     h = result.meta["history"]
@@ -67,7 +67,7 @@ def test_prompt_folder_is_a_peft_adapter_that_scores_like_ctp(tmp_path):
     from peft import PeftModel
 
     model = tiny_model("qwen2")
-    config = PromptConfig(num_virtual_tokens=5, steps=3, lr=0.05, seqlen=32, batch_size=2,
+    config = PromptConfig(prompt_type="input", objective="nll", num_virtual_tokens=5, steps=3, lr=0.05, seqlen=32, batch_size=2,
                           eval_every=3, eval_windows=4)
     result = tune_prompt(model, config, tmp_path / "p", train_ids=ids_of(2000), val_ids=ids_of(400, 1),
                          progress=False)
@@ -122,8 +122,8 @@ def texts(tmp_path_factory):
 
 
 def tune_args(model_dir, out, texts, *extra):
-    return ["tune-prompt", str(model_dir), "--out", str(out), "--data", str(texts / "train.txt"),
-            "--val-data", str(texts / "val.txt"), "--num-virtual-tokens", "4", "--seqlen", "32",
+    return ["tune-prompt", str(model_dir), "--out", str(out), "--prompt-type", "input", "--objective", "nll",
+            "--data", str(texts / "train.txt"), "--val-data", str(texts / "val.txt"), "--num-virtual-tokens", "4", "--seqlen", "32",
             "--batch-size", "4", "--lr", "0.01", "--no-progress", *extra]
 
 
