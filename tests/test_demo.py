@@ -13,7 +13,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert [m["label"] for m in result["models"]] == ["nf4-obs", "sparsegpt-50%+nf4-obs"]
-    assert [p["label"] for p in result["prompts"]] == ["p10@sparsegpt-50%+nf4-obs"]
+    assert [p["label"] for p in result["prompts"]] == ["kv10-kd@sparsegpt-50%+nf4-obs"]  # the defaults
     dense = result["dense"]["ppl"]
     assert 5 < dense < 80
     assert all(m["ppl"] > dense for m in result["models"])  # compression costs something
