@@ -363,8 +363,8 @@ def _add_tune_prompt(sub: Any) -> None:
                     "kd), started from the dense model's keys and values over a training window "
                     "(--init window): what measured best. The paper's setting is --prompt-type "
                     "input --objective nll --init vocab (an input prompt, next-token loss; what a "
-                    "dense target takes). Keeps the prompt with the best validation perplexity (validation split, "
-                    "never test) and writes a PEFT adapter folder plus ctp_prompt.json and "
+                    "dense target takes). Keeps the prompt with the best validation perplexity "
+                    "(validation split, never test) and writes a PEFT adapter folder plus ctp_prompt.json and "
                     "training_curve.png. Checkpoints go to OUT.work; --resume continues an "
                     "interrupted run exactly. Runs data-parallel under `accelerate launch`.",
     )

@@ -73,11 +73,9 @@ def _libc() -> Any:
 
 def restore_parameters_(module: nn.Module, held: dict[str, torch.Tensor]) -> None:
     """Write each parameter :func:`cast_parameters_` cast back into the very tensor it held
-    before (rounded to that tensor's dtype), and hold that tensor again. Writing into the old
-    storage rather than allocating a new one keeps a checkpoint loaded by memory map at its own
-    size: a fresh copy would sit beside the mapped pages, which stay resident for as long as
-    any weight of the file is held. Parameters replaced since (a Linear swapped for a quantized
-    one) are skipped."""
+    before (rounded to that tensor's dtype), and hold that tensor again: no new allocation per
+    layer (the memory saving itself comes from :func:`release_freed_memory`). Parameters
+    replaced since (a Linear swapped for a quantized one) are skipped."""
     for name, param in module.named_parameters():
         old = held.get(name)
         if old is None or type(param) is not nn.Parameter:
