@@ -12,7 +12,9 @@ train split, ``--tokens`` virtual tokens, BOS by the rule):
 - ``nll-input``: ctp's step now (``Objective("nll")``: the prompt through its cache, the head in
   chunks);
 - ``kd-input``: distillation from the dense base (``--model``), the teacher run on the same windows;
-- ``nll-kv``, ``kd-kv``: the same with a key/value prompt.
+- ``nll-kv``, ``kd-kv``: the same with a key/value prompt;
+- any of these with ``+ckpt`` (e.g. ``nll-input+ckpt``): under ``--gradient-checkpointing``
+  (each decoder layer recomputed in the backward pass instead of its activations stored).
 
 Time: every variant runs ``--steps`` steps after one warm-up, interleaved round-robin in ONE
 process, and the median step is reported, with ratios against ``whole`` and ``nll-input``
@@ -26,6 +28,7 @@ again alone in a fresh process and reports its peak RSS (``ru_maxrss``), and ``c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -38,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("whole", "nll-input", "kd-input", "nll-kv", "kd-kv")
+VARIANTS = ("whole", "nll-input", "kd-input", "nll-kv", "kd-kv", "nll-input+ckpt", "kd-kv+ckpt")
 
 
 def _setup(args):
@@ -65,7 +68,7 @@ def _step_functions(args, model, tokenizer, bos, batch, variants):
     import torch.nn.functional as F
 
     from ctp.config import PromptConfig
-    from ctp.models import load_any
+    from ctp.models import checkpoint_layers, load_any
     from ctp.prompt.kinds import context_of, initial_prompt
     from ctp.prompt.objective import Objective, Teacher
     from ctp.prompt.state import init_prompt
@@ -95,14 +98,16 @@ def _step_functions(args, model, tokenizer, bos, batch, variants):
 
             steps[variant] = whole
             continue
-        objective_name, kind = variant.split("-")
+        base, _, flag = variant.partition("+")
+        objective_name, kind = base.split("-")
         soft = initial_prompt(kind, start, model, model, bos)
         param = torch.nn.Parameter(soft.tensor.clone())
         objective = Objective(objective_name, 0.5, teacher if objective_name == "kd" else None)
 
-        def step(param=param, soft=soft, objective=objective):
-            loss = objective.loss(model, batch, soft.with_tensor(param).cache(model, bos))
-            loss.backward()
+        def step(param=param, soft=soft, objective=objective, ckpt=flag == "ckpt"):
+            with checkpoint_layers(model) if ckpt else contextlib.nullcontext():
+                loss = objective.loss(model, batch, soft.with_tensor(param).cache(model, bos))
+                loss.backward()
             param.grad = None
 
         steps[variant] = step

@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--only", metavar="NAME,...",
                    help="run and tabulate only these prompt cells of the recipe, in this order (the rest of "
                         "the recipe is left for a later run: finished cells are kept)")
+    p.add_argument("--tag", help="write recovery-PRESET-TAG.* instead of recovery-PRESET.* (a later run of other "
+                                  "cells beside an earlier one's tables)")
     p.add_argument("--smoke", action="store_true",
                    help="a quick run of every step (2 training steps, 4 windows): checks the pipeline, "
                         "measures nothing; use with --workdir and --results elsewhere")
@@ -119,7 +121,7 @@ def main() -> None:
         recipe.eval = dataclasses.replace(recipe.eval, max_windows=2)
     matrix = run_recipe(recipe, progress=False)  # resumable: finished steps are skipped
     results.mkdir(parents=True, exist_ok=True)
-    stem = f"recovery-{args.preset}"
+    stem = f"recovery-{args.preset}" + (f"-{args.tag}" if args.tag else "")
     shutil.copyfile(recipe.workdir / "results" / "transfer.png", results / f"{stem}.png")
     log_path = results / f"{stem}.jsonl"
     done = {json.loads(line)["name"]: json.loads(line) for line in log_path.read_text().splitlines()} \

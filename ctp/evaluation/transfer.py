@@ -42,13 +42,14 @@ def model_label(model_dir: str) -> str:
 def prompt_label(prompt_dir: str) -> str:
     """A prompt's short name, ``<kind><n>[-<objective>]@<what it was tuned on>`` (``p10@...``:
     an input prompt of 10 tokens trained with next-token loss; ``kv10-kd@...``: a key/value prompt
-    trained by distillation), else its folder's name."""
+    trained by distillation; ``kv10-start@...``: its start, 0 steps, no loss), else its folder's
+    name."""
     meta = read_prompt_meta(prompt_dir)
     trained_on = meta.get("compression_label")
     if not trained_on:
         return Path(prompt_dir).name
     kind = "kv" if meta.get("prompt_type") == "kv" else "p"
-    objective = meta.get("objective", "nll")
+    objective = "start" if meta.get("steps") == 0 else meta.get("objective", "nll")
     return f"{kind}{meta['num_virtual_tokens']}{'' if objective == 'nll' else '-' + objective}@{trained_on}"
 
 

@@ -194,3 +194,20 @@ def test_stitch_ppl_loads_the_target_once_and_scores_the_same_windows(family, ca
                                  max_windows=3).ppl
     assert report["ppl"]["without_prompt"]["embedded"] == pytest.approx(bare, rel=1e-9)
     assert report["ppl"]["with_prompt"]["embedded"] == pytest.approx(prompted, rel=1e-9)
+
+
+@pytest.mark.parametrize("meta, label", [
+    ({"prompt_type": "kv", "objective": "kd", "steps": 300}, "kv10-kd@wanda-50%+nf4"),
+    ({"prompt_type": "kv", "objective": "kd", "steps": 0}, "kv10-start@wanda-50%+nf4"),
+    ({"prompt_type": "input", "objective": "nll", "steps": 5}, "p10@wanda-50%+nf4"),
+    ({}, "p10@wanda-50%+nf4"),  # an older folder: an input prompt, next-token loss
+])
+def test_a_prompt_label_says_what_shaped_it(tmp_path, meta, label):
+    """A 0-step prompt is its start whatever objective its config names: labelled ``-start``."""
+    from ctp.evaluation.transfer import prompt_label
+
+    record = {"num_virtual_tokens": 10, "hidden_size": 8, "tokenizer_fingerprint": None,
+              "base_fingerprint": None, "prompt_config": {}, "best_val_ppl": 1.0,
+              "compression_label": "wanda-50%+nf4", "kv_layers": 2, "kv_heads": 1, "head_dim": 4, **meta}
+    (tmp_path / "ctp_prompt.json").write_text(json.dumps(record))
+    assert prompt_label(str(tmp_path)) == label
