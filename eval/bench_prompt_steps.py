@@ -188,6 +188,10 @@ def main() -> None:
               "--seqlen", str(args.seqlen), "--tokens", str(args.tokens), "--threads", str(args.threads),
               "--child"]
     variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS and not (v.endswith("+ckpt") and v[:-5] in VARIANTS[1:5])]
+    if unknown:
+        p.error(f"unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS[:5])}, each but whole "
+                "optionally with +ckpt")
     timing = _run([*common, "--variants", args.variants, "--steps", str(args.steps)])
     memory = {v: _run([*common, "--variants", v, "--steps", "1"])["peak_rss_bytes"] for v in variants}
     secs = timing["seconds"]

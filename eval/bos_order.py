@@ -44,6 +44,7 @@ from ctp.evaluation.perplexity import perplexity_of_ids  # noqa: E402
 from ctp.lm import (PromptCache, bos_token, cache_of_keys_values, context_cache, restore_layer,  # noqa: E402
                     token_nlls, windows_of)
 from ctp.models import load_any, load_tokenizer  # noqa: E402
+from ctp.prompt.kinds import initial_prompt  # noqa: E402
 from ctp.prompt.state import init_prompt, lr_factor  # noqa: E402
 
 
@@ -64,7 +65,7 @@ def train(make_cache, params, chunks, steps, seed=0):
     return [t.detach() for t in params]
 
 
-class InputPrompt:
+class InputOrder:
     """An input prompt ``[n, hidden]`` in one order."""
 
     def __init__(self, model, bos, order):
@@ -81,19 +82,18 @@ class InputPrompt:
         return context_cache(self.model, torch.cat([prompt, self.bos_embed]))  # prompt, BOS's own embedding
 
 
-class KVPrompt:
+class KVOrder:
     """A key/value prompt (per layer ``[kv_heads, n, head_dim]``) in one order."""
 
     def __init__(self, model, bos, order):
         self.model, self.bos, self.order = model, bos, order
 
     def start(self, embeds):
-        with torch.no_grad():
-            if self.order == "bos-first":
-                c = context_cache(self.model, embeds, self.bos)
-                return [k[0, :, 1:] for k in c.keys] + [v[0, :, 1:] for v in c.values]
-            c = context_cache(self.model, embeds)
-            return [k[0] for k in c.keys] + [v[0] for v in c.values]
+        """ctp's own start (the model's keys and values over ``embeds``), computed after BOS
+        (bos-first) or with nothing before it (prompt-first)."""
+        keys, values = initial_prompt("kv", embeds, self.model, self.model,
+                                      self.bos if self.order == "bos-first" else None).keys_values()
+        return keys + values
 
     def __call__(self, params):
         half = len(params) // 2
@@ -113,7 +113,7 @@ class KVPrompt:
                            config=self.model.config, bos=True, bos_logits=out.logits.detach())
 
 
-KINDS = {"input": InputPrompt, "kv": KVPrompt}
+KINDS = {"input": InputOrder, "kv": KVOrder}
 
 
 def main() -> None:
@@ -124,6 +124,9 @@ def main() -> None:
     p.add_argument("--kinds", default="input,kv", help="prompt kinds measured, comma-separated")
     p.add_argument("--out", default=str(REPO / "eval" / "results" / "bos_order.json"))
     args = p.parse_args()
+    kinds = args.kinds.split(",")
+    if any(kind not in KINDS for kind in kinds):
+        p.error(f"--kinds: choose from {', '.join(KINDS)}, comma-separated")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     model = load_any(args.model, device="cpu")
     for param in model.parameters():
@@ -149,7 +152,12 @@ def main() -> None:
 
     if "ppl_no_prompt" not in result:
         result["ppl_no_prompt"] = score(context_cache(model, None, bos))
-    for kind in args.kinds.split(","):
+    def save():  # whole or not at all: a killed run resumes from the file
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+
+    for kind in kinds:
         for order in ("bos-first", "prompt-first"):
             name = f"{kind}/{order}"
             if name in result["cells"]:
@@ -164,8 +172,8 @@ def main() -> None:
                                      "seconds": round(time.time() - started, 1),
                                      "gain_log": math.log(result["ppl_no_prompt"]) - math.log(ppl)}
             print(name, result["cells"][name], flush=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+            save()
+    save()
     print(json.dumps(result, indent=2))
 
 
