@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from ctp.config import PromptConfig  # noqa: E402
 from ctp.data import load_text, tokenize  # noqa: E402
+from ctp.errors import CTPError  # noqa: E402
 from ctp.evaluation.perplexity import perplexity_of_ids  # noqa: E402
 from ctp.lm import (PromptCache, bos_token, cache_of_keys_values, context_cache, restore_layer,  # noqa: E402
                     token_nlls, windows_of)
@@ -178,4 +179,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CTPError as exc:  # bad input: one line, no traceback
+        sys.exit(f"{Path(__file__).name}: error: {exc}")

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 import ctp.compression.pipeline as pipeline  # noqa: E402
 from ctp import CompressConfig  # noqa: E402
+from ctp.errors import CTPError  # noqa: E402
 from ctp.compression.prune import decoder_linears  # noqa: E402
 from ctp.compression.quantize import dense_weight  # noqa: E402
 
@@ -50,4 +51,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CTPError as exc:  # bad input: one line, no traceback
+        sys.exit(f"{Path(__file__).name}: error: {exc}")
