@@ -215,7 +215,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         check_output_dir(args.out, args.overwrite)
     result = transfer(args.prompts, args.models, data=args.ppl, split=args.split, seqlen=args.seqlen,
                       dense=args.dense, max_windows=args.max_windows, device=args.device,
-                      progress=not args.no_progress, bos=args.bos, batch_size=args.batch_size)
+                      progress=not args.no_progress, bos=args.bos, batch_size=args.batch_size,
+                      cache=args.cache)
     print(transfer_table(result), file=sys.stderr)
     if args.out:
         write_transfer(result, args.out, overwrite=args.overwrite)
@@ -422,6 +423,10 @@ def _add_transfer(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     p.add_argument("--out", help="folder for transfer.md / .json / .png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--cache", metavar="FILE",
+                   help="a JSON-lines file of finished cells: cells whose model files, prompt and "
+                        "settings are unchanged are read from it instead of evaluated again, new "
+                        "ones appended (recipes keep theirs in WORKDIR/cells.jsonl)")
     _common(p)
     p.set_defaults(func=cmd_transfer)
 

@@ -204,7 +204,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                       split=recipe.eval.split, seqlen=recipe.eval.seqlen, dense=recipe.model,
                       max_windows=recipe.eval.max_windows, batch_size=recipe.eval.batch_size,
                       device=str(resolve_device(recipe.eval.device)), bos=recipe.eval.bos,
-                      progress=progress)
+                      progress=progress, cache=recipe.workdir / "cells.jsonl")
     result["recipe_key"] = key
     write_transfer(result, results, overwrite=True)
     return result

@@ -9,9 +9,9 @@ compressed copies it was never trained on? On 2 CPU cores.
    transfer matrix, test split).
 2. The dense model behind each prompt tuned on it (``@dense``), on the same test windows: what a
    recipe does with no compression to undo (net recovery).
-3. LoRA r=8 on every decoder Linear of the two main targets, with the prompts' data, steps,
-   schedule, seed and honest loss (BOS by the rule), lr 1e-3 (eval/prompt_study.py's loop): the
-   ceiling, with its parameters.
+3. LoRA r=8 on every decoder Linear of each main target that a selected cell trains on alone,
+   with that cell's data, steps, schedule, seed and honest loss (BOS by the rule), lr 1e-3
+   (eval/prompt_study.py's loop): the ceiling, with its parameters.
 
 Recovery is a share of the log-perplexity gap against the dense model: gross =
 ``(log ppl_c - log ppl_c+p) / (log ppl_c - log ppl_d)``; net subtracts what the same recipe does
@@ -177,12 +177,17 @@ def main() -> None:
         from transformers import AutoConfig
 
         bos = bos_token(ev.bos, AutoConfig.from_pretrained(matrix["models"][0]["model"]), tokenizer)
-        for target in preset["main"]:
+        # the ceiling beside each main target that a selected cell trains on alone (with its budget)
+        configs = {t: next((s.config for s in recipe.prompts.values() if s.targets == [t]), None)
+                   for t in preset["main"]}
+        for target, config in configs.items():
+            if config is None:
+                logging.info("LoRA on %s: no selected prompt cell trains on it alone, skipped", target)
+                continue
             name = f"lora-{target}"
             folder = str(workdir / "models" / target)
             i, row = models[target]
             if name not in done:
-                config = next(s.config for s in recipe.prompts.values() if s.targets == [target])
                 train = tokenize(tokenizer, load_text(config.data, "train"), bos)
                 val = tokenize(tokenizer, load_text(config.data, "validation"), bos)
                 peft_model, meta = train_adapter(folder, train, val, "lora", config, config.seqlen,

@@ -7,16 +7,20 @@ model's log-perplexity gap (against the dense base) the prompt wins back:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import COMPRESSION_FILE, atomic_dir, read_compression_meta, read_json, read_prompt_meta, write_json
+from ..artifacts import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, COMPRESSION_FILE, atomic_dir, read_compression_meta,
+                         read_json, read_prompt_meta, write_json)
 from ..data import load_text, source_label, tokenize
 from ..errors import CTPError
 from ..lm import bos_token, default_seqlen
-from ..models import load_any, load_tokenizer
+from ..models import check_supported, load_any, load_tokenizer
 from ..plots import plot_heatmap
 from ..prompt.kinds import context_of, load_prompt
 from ..prompt.stitch import check_compatible
@@ -53,6 +57,69 @@ def prompt_label(prompt_dir: str) -> str:
     return f"{kind}{meta['num_virtual_tokens']}{'' if objective == 'nll' else '-' + objective}@{trained_on}"
 
 
+class CellCache:
+    """Finished cells of transfer matrices, one JSON object a line: what each cell's perplexity
+    depends on -- the model's files (names, sizes, modification times: a model compressed again
+    is a new model), the prompt tensor's sha256, and the evaluation settings -- hashed into its
+    key. A missing file (``path=None``) caches nothing."""
+
+    def __init__(self, path: str | os.PathLike | None, settings: dict[str, Any]) -> None:
+        self.path = None if path is None else Path(path)
+        self.settings = settings
+        self.cells: dict[str, float] = {}
+        self._identities: dict[str, Any] = {}
+        if self.path is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.cells[str(entry["key"])] = float(entry["ppl"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by an interrupted write: that cell is redone
+
+    def _identity(self, folder: str) -> Any:
+        if folder not in self._identities:
+            path = Path(folder)
+            if not path.is_dir():  # a hub id or named model: its name is its identity
+                self._identities[folder] = folder
+            else:
+                self._identities[folder] = sorted(
+                    (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()
+                    if f.is_file() and f.suffix in (".safetensors", ".json"))
+        return self._identities[folder]
+
+    def _prompt_identity(self, folder: str) -> str:
+        if folder not in self._identities:
+            digest = hashlib.sha256()
+            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):  # the prompt's kind and its tensor
+                digest.update((Path(folder) / name).read_bytes())
+            self._identities[folder] = digest.hexdigest()
+        return self._identities[folder]
+
+    def key(self, model: str, prompt: str | None) -> str:
+        parts = {"settings": self.settings, "model": [model, self._identity(model)],
+                 "prompt": None if prompt is None else [prompt, self._prompt_identity(prompt)]}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, model: str, prompt: str | None) -> float | None:
+        """The cached perplexity of ``prompt`` (None: bare) on ``model``, if there is one."""
+        if self.path is None:
+            return None
+        value = self.cells.get(self.key(model, prompt))
+        if value is not None:
+            log.info("%s%s: cached, %.4f", model, "" if prompt is None else f" + {prompt}", value)
+        return value
+
+    def put(self, model: str, prompt: str | None, ppl: float) -> float:
+        """Record a finished cell (appended and flushed at once) and return its perplexity."""
+        if self.path is not None:
+            key = self.key(model, prompt)
+            self.cells[key] = ppl
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write(json.dumps({"key": key, "model": model, "prompt": prompt, "ppl": ppl}) + "\n")
+        return ppl
+
+
 def transfer(
     prompts: list[str],
     models: list[str],
@@ -65,6 +132,7 @@ def transfer(
     device: str = "auto",
     progress: bool = True,
     bos: str = "auto",
+    cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate every prompt on every model (and each model bare, and the dense base).
 
@@ -74,6 +142,9 @@ def transfer(
         seqlen: one window length for every cell; default: the first model's context (at most
             4096) less the longest prompt (and BOS).
         bos: the BOS rule, the same for every cell (:func:`ctp.lm.bos_token`).
+        cache: a JSON-lines file of finished cells (:class:`CellCache`): a cell whose model files,
+            prompt tensor and evaluation settings are unchanged is read, not evaluated again, and
+            a model whose every cell is there is not loaded.
     Returns:
         ``{"data", "split", "seqlen", "dense", "models", "prompts", "cells"}`` where
         ``cells[i][j]`` is prompt ``j`` on model ``i``: ``{"ppl", "recovered"}`` or ``{"error"}``.
@@ -94,41 +165,56 @@ def transfer(
     text = load_text(data, split)
     longest = max(t.num_virtual_tokens for t in tensors.values())
 
-    dense_model = load_any(dense, device=device)
     dense_tokenizer = load_tokenizer(dense)
-    dense_bos = bos_token(bos, dense_model.config, dense_tokenizer)
+    dense_bos = bos_token(bos, check_supported(dense), dense_tokenizer)
     if seqlen is None:
-        seqlen = default_seqlen(dense_model, longest + int(dense_bos is not None))
-    ids = tokenize(dense_tokenizer, text, dense_bos)
-    dense_ppl = perplexity_of_ids(dense_model, ids, seqlen, context_of(dense_model, None, dense_bos),
-                                  batch_size=batch_size, max_windows=max_windows,
-                                  progress=progress, desc="dense").ppl
-    del dense_model
+        seqlen = default_seqlen(check_supported(dense), longest + int(dense_bos is not None))
+    cached = CellCache(cache, {"data": source_label(data), "split": split, "seqlen": seqlen,
+                               "max_windows": max_windows, "batch_size": batch_size, "bos": bos,
+                               "device": str(device)})
+    dense_ppl = cached.get(dense, None)
+    if dense_ppl is None:
+        dense_model = load_any(dense, device=device)
+        ids = tokenize(dense_tokenizer, text, dense_bos)
+        dense_ppl = cached.put(dense, None, perplexity_of_ids(
+            dense_model, ids, seqlen, context_of(dense_model, None, dense_bos), batch_size=batch_size,
+            max_windows=max_windows, progress=progress, desc="dense").ppl)
+        del dense_model
     rows, cells = [], []
     for model_dir in models:
-        model = load_any(model_dir, device=device)
-        tokenizer = load_tokenizer(model_dir)
-        bos_id = bos_token(bos, model.config, tokenizer)
-        model_ids = tokenize(tokenizer, text, bos_id)
-        bare = perplexity_of_ids(model, model_ids, seqlen, context_of(model, None, bos_id),
-                                 batch_size=batch_size, max_windows=max_windows,
-                                 progress=progress, desc=labels[model_dir]).ppl
+        bare = cached.get(model_dir, None)
+        row = [cached.get(model_dir, p) for p in prompts]
+        if bare is None or any(c is None for c in row):
+            model = load_any(model_dir, device=device)
+            tokenizer = load_tokenizer(model_dir)
+            bos_id = bos_token(bos, model.config, tokenizer)
+            model_ids = tokenize(tokenizer, text, bos_id)
+
+            def score(prompt_dir: str | None, desc: str) -> float:
+                return perplexity_of_ids(model, model_ids, seqlen,
+                                         context_of(model, None if prompt_dir is None else tensors[prompt_dir], bos_id),
+                                         batch_size=batch_size, max_windows=max_windows, progress=progress,
+                                         desc=desc).ppl
+
+            if bare is None:
+                bare = cached.put(model_dir, None, score(None, labels[model_dir]))
+            for j, prompt_dir in enumerate(prompts):
+                if row[j] is not None:
+                    continue
+                try:
+                    for w in check_compatible(prompt_dir, tensors[prompt_dir], metas[prompt_dir],
+                                              model_dir, model, tokenizer):
+                        log.warning(w)
+                except CTPError as exc:
+                    row[j] = {"error": str(exc)}  # never cached: the message names this run's files
+                    continue
+                row[j] = cached.put(model_dir, prompt_dir,
+                                    score(prompt_dir, f"{labels[model_dir]} + {prompt_label(prompt_dir)}"))
+            del model
         rows.append({"model": model_dir, "label": labels[model_dir], "ppl": bare,
                      "gap_vs_dense": bare / dense_ppl - 1})
-        row = []
-        for prompt_dir in prompts:
-            try:
-                for w in check_compatible(prompt_dir, tensors[prompt_dir], metas[prompt_dir],
-                                          model_dir, model, tokenizer):
-                    log.warning(w)
-            except CTPError as exc:
-                row.append({"error": str(exc)})
-                continue
-            ppl = perplexity_of_ids(model, model_ids, seqlen,
-                                    context_of(model, tensors[prompt_dir], bos_id), batch_size=batch_size, max_windows=max_windows, progress=progress,
-                                    desc=f"{labels[model_dir]} + {prompt_label(prompt_dir)}").ppl
-            row.append({"ppl": ppl, "recovered": gap_recovered(dense_ppl, bare, ppl)})
-        cells.append(row)
+        cells.append([c if isinstance(c, dict) else {"ppl": c, "recovered": gap_recovered(dense_ppl, bare, c)}
+                      for c in row])
     return {
         "data": source_label(data), "split": split, "seqlen": seqlen, "bos": bos,
         "dense": {"model": dense, "ppl": dense_ppl},

@@ -85,6 +85,46 @@ def test_transfer_matrix_cells_match_direct_measurements(family):
         assert cell["recovered"] == pytest.approx(by_hand, rel=1e-9)
 
 
+def test_transfer_cache_reuses_unchanged_cells_and_redoes_changed_ones(family, tmp_path, monkeypatch):
+    import shutil
+
+    import ctp.evaluation.transfer as transfer_module
+
+    prompt = tmp_path / "prompt"
+    shutil.copytree(family["prompt"], prompt)
+    cache = tmp_path / "cells.jsonl"
+    args = dict(data="embedded", seqlen=32, max_windows=4, progress=False)
+    first = transfer([str(prompt)], [family["a"], family["b"]], cache=cache, **args)
+    assert len(cache.read_text().splitlines()) == 1 + 2 * 2  # dense, and each model bare and prompted
+
+    loads = []
+    real_load = transfer_module.load_any
+    monkeypatch.setattr(transfer_module, "load_any", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    again = transfer([str(prompt)], [family["a"], family["b"]], cache=cache, **args)
+    assert loads == [] and again == first  # every cell read back, no model loaded
+    # other settings are other cells
+    transfer([str(prompt)], [family["a"]], cache=cache, **{**args, "max_windows": 3})
+    assert len(loads) == 2 and len(cache.read_text().splitlines()) == 5 + 3
+
+    # a prompt whose tensor changed is scored again, on every model; the bare cells stay cached
+    loads.clear()
+    from safetensors.torch import load_file, save_file
+
+    from ctp.artifacts import ADAPTER_WEIGHTS
+
+    tensors = load_file(prompt / ADAPTER_WEIGHTS)
+    save_file({k: v * 0.5 for k, v in tensors.items()}, prompt / ADAPTER_WEIGHTS)
+    changed = transfer([str(prompt)], [family["a"], family["b"]], cache=cache, **args)
+    assert loads == [family["a"], family["b"]]
+    assert [r["ppl"] for r in changed["models"]] == [r["ppl"] for r in first["models"]]
+    uncached = transfer([str(prompt)], [family["a"], family["b"]], **args)
+    assert changed["cells"] == uncached["cells"] and changed["cells"] != first["cells"]
+    # a line cut short by an interrupted write is ignored (that cell is simply redone)
+    with cache.open("a") as fh:
+        fh.write('{"key": "abc", "pp')
+    assert transfer([str(prompt)], [family["a"], family["b"]], cache=cache, **args) == uncached
+
+
 def test_mismatched_hidden_size_and_tokenizer_are_refused(family, tmp_path, capfd, tokenizer):
     import transformers as tf
 
