@@ -125,3 +125,32 @@ def test_one_prompt_on_several_targets(tmp_path, tiny_dir, tokenizer, monkeypatc
     with pytest.raises(CTPError, match="not compressed copies of one base"):
         tune_prompt([copies[0], str(tiny_dir("qwen2"))], config, train_ids=train, val_ids=val,
                     tokenizer=tokenizer, progress=False)
+
+
+def test_kl_chunk_loss_and_gradient_equal_autograd_through_the_textbook_formula():
+    """The chunked KL (value and its gradient to the hidden states, through a soft-capped head)
+    against autograd through ``sum p_t (log p_t - log_softmax(student))`` written out here."""
+    from ctp.head import Head, kl_fn, per_token_losses
+
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(16, 300, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(300, 16, generator=g))
+    head = Head(linear, softcap=5.0)
+    hidden = (torch.randn(37, 16, generator=g) * 0.7).requires_grad_(True)
+    taught = torch.randn(37, 16, generator=g) * 0.7
+    weights = torch.rand(37, generator=g)
+    got = per_token_losses(hidden, kl_fn(head, head, taught), chunk=8)
+    (got * weights).sum().backward()
+    grad, hidden.grad = hidden.grad.clone(), None
+
+    h = hidden.detach().double().requires_grad_(True)
+    w = linear.weight.double()
+    s = torch.log_softmax(torch.tanh(h @ w.T / 5.0) * 5.0, -1)
+    t = torch.log_softmax(torch.tanh(taught.double() @ w.T / 5.0) * 5.0, -1)
+    want = (t.exp() * (t - s)).sum(-1)
+    (want * weights.double()).sum().backward()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), h.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # without gradients: the same values, nothing kept for a backward pass
+        torch.testing.assert_close(per_token_losses(hidden.detach(), kl_fn(head, head, taught), 8), got.detach())
