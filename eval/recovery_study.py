@@ -93,12 +93,32 @@ def main() -> None:
                         "the recipe is left for a later run: finished cells are kept)")
     p.add_argument("--tag", help="write recovery-PRESET-TAG.* instead of recovery-PRESET.* (a later run of other "
                                   "cells beside an earlier one's tables)")
+    p.add_argument("--merge", metavar="TAG,...",
+                   help="train and score nothing: join earlier runs' results (recovery-PRESET[-TAG].json; '-' "
+                        "for the untagged one) into one table, written under --tag. Refused unless every run "
+                        "scored the same compressed copies alike (the same bare and dense perplexities)")
     p.add_argument("--smoke", action="store_true",
                    help="a quick run of every step (2 training steps, 4 windows): checks the pipeline, "
                         "measures nothing; use with --workdir and --results elsewhere")
     args = p.parse_args()
     preset = PRESETS[args.preset]
     results = Path(args.results)
+    if args.merge:
+        if not args.tag:
+            p.error("--merge needs --tag: the joined table is written as recovery-PRESET-TAG.*")
+        tags = [t.strip() for t in args.merge.split(",") if t.strip()]
+        paths = [results / (f"recovery-{args.preset}" + ("" if t == "-" else f"-{t}") + ".json") for t in tags]
+        missing = [str(q) for q in paths if not q.exists()]
+        if missing:
+            p.error(f"--merge: no results {', '.join(missing)}")
+        try:
+            summary, matrix, dense_rows = merge_runs([json.loads(q.read_text()) for q in paths], tags)
+        except ValueError as exc:
+            print(f"recovery_study: {exc}", file=sys.stderr)
+            sys.exit(1)
+        write(f"recovery-{args.preset}-{args.tag}", summary, matrix, dense_rows,
+              json.loads(paths[0].read_text())["max_windows"], results)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     recipe = load_recipe(preset["recipe"], args.set)
@@ -153,7 +173,19 @@ def main() -> None:
     prompts = {Path(q["prompt"]).name: j for j, q in enumerate(matrix["prompts"])}
     summary = []
     for name, step in recipe.prompts.items():
-        if step.targets == ["dense"] or len(step.targets) > 1:
+        if step.targets == ["dense"]:
+            continue
+        if len(step.targets) > 1:  # one row per copy it trained on (distillation: net = gross)
+            info = prompt_row(name, workdir / "prompts" / name)
+            for target in step.targets:
+                i, row = models[target]
+                cell = matrix["cells"][i][prompts[name]]
+                dense_prompted = dense_ppl if info["objective"] != "nll" else None
+                summary.append({**info, "target": row["label"], "dense": dense_ppl, "compressed": row["ppl"],
+                                "tuned": cell["ppl"], "gross": gap_recovered(dense_ppl, row["ppl"], cell["ppl"]),
+                                "dense_prompted": dense_prompted,
+                                "net": None if dense_prompted is None else
+                                net_recovered(dense_ppl, row["ppl"], dense_prompted, cell["ppl"])})
             continue
         target = step.targets[0]
         i, row = models[target]
@@ -207,6 +239,51 @@ def main() -> None:
     write(stem, summary, matrix, {n: done[f"dense+{n}"]["ppl"] for n in dense_prompts}, ev.max_windows, results)
 
 
+def merge_runs(runs: list[dict], tags: list[str]) -> tuple[list[dict], dict, dict]:
+    """One summary, transfer matrix and dense-counterpart table from several runs' results, which
+    must have scored the same copies under the same protocol alike (else ValueError naming what
+    differs): rows of every run, prompt columns side by side, a prompt measured twice kept once."""
+    first = runs[0]["transfer"]
+    protocol = ("data", "split", "seqlen", "bos")
+    windows = {run.get("max_windows") for run in runs}
+    if len(windows) != 1 or None in windows:
+        raise ValueError(f"the runs scored different numbers of test windows ({sorted(map(str, windows))})")
+    models = {m["label"]: m["ppl"] for m in first["models"]}
+    for tag, run in zip(tags[1:], runs[1:]):
+        other = run["transfer"]
+        if any(other.get(k) != first.get(k) for k in protocol):
+            raise ValueError(f"run {tag} used another protocol than {tags[0]}: "
+                             + ", ".join(f"{k} {other.get(k)} vs {first.get(k)}" for k in protocol
+                                         if other.get(k) != first.get(k)))
+        if not math.isclose(other["dense"]["ppl"], first["dense"]["ppl"], rel_tol=1e-9):
+            raise ValueError(f"run {tag} scored the dense model {other['dense']['ppl']:.6f}, "
+                             f"run {tags[0]} {first['dense']['ppl']:.6f}: not the same test windows")
+        theirs = {m["label"]: m["ppl"] for m in other["models"]}
+        differ = [f"{k} {theirs.get(k)} vs {v:.6f}" for k, v in models.items()
+                  if theirs.get(k) is None or not math.isclose(theirs[k], v, rel_tol=1e-9)]
+        if differ or set(theirs) != set(models):
+            raise ValueError(f"run {tag} scored other compressed copies than run {tags[0]} "
+                             f"({'; '.join(differ) or 'other models'}): their prompts do not compare")
+    summary, seen, dense_rows = [], set(), {}
+    matrix = {k: v for k, v in first.items() if k not in ("prompts", "cells", "recipe_key")}
+    matrix["prompts"], matrix["cells"] = [], [[] for _ in first["models"]]
+    for run in runs:
+        transfer_run = run["transfer"]
+        order = {m["label"]: i for i, m in enumerate(transfer_run["models"])}
+        for j, prompt in enumerate(transfer_run["prompts"]):
+            if prompt["prompt"] in {q["prompt"] for q in matrix["prompts"]}:
+                continue
+            matrix["prompts"].append(prompt)
+            for i, row in enumerate(first["models"]):
+                matrix["cells"][i].append(transfer_run["cells"][order[row["label"]]][j])
+        for row in run["summary"]:
+            if (row["name"], row["target"]) not in seen:
+                seen.add((row["name"], row["target"]))
+                summary.append(row)
+        dense_rows.update(run.get("dense_prompted", {}))
+    return summary, matrix, dense_rows
+
+
 def write(stem: str, summary: list[dict], matrix: dict, dense_rows: dict, windows: int, results: Path) -> None:
     note = weights_note(matrix["dense"]["model"]) or ""
     lines = [f"{note} Test perplexity ({matrix['data']} test split, first {windows} windows of "
@@ -226,7 +303,7 @@ def write(stem: str, summary: list[dict], matrix: dict, dense_rows: dict, window
     text = "\n".join(lines) + "\n\n" + transfer_table(matrix) + "\n"
     (results / f"{stem}.md").write_text(text)
     (results / f"{stem}.json").write_text(json.dumps({"summary": summary, "dense_prompted": dense_rows,
-                                                      "transfer": matrix}, indent=2) + "\n")
+                                                      "max_windows": windows, "transfer": matrix}, indent=2) + "\n")
     print(text)
 
 
