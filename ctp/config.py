@@ -29,6 +29,7 @@ PROMPT_TYPES = ("input", "kv")
 OBJECTIVES = ("nll", "kd", "nll+kd")
 INIT_MODELS = ("dense", "target")
 SCHEDULES = ("linear", "cosine", "constant")
+LR_SCALES = ("absolute", "part-rms")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEMO_RECIPES = {"embedded": "demo", "smollm2-135m": "demo-smollm2"}  # `ctp demo --model` -> recipe
 
@@ -287,6 +288,11 @@ class PromptConfig:
     epochs: float | None = field(default=None, metadata=_help("passes over the training chunks "
                                                              "instead of --steps"))
     lr: float = field(default=1e-3, metadata=_help("AdamW learning rate"))
+    lr_scale: str = field(default="absolute", metadata=_help(
+        "absolute: every value of the prompt moves at --lr; part-rms: each part of the prompt (an "
+        "input prompt: all of it; a key/value prompt: the keys, or the values, of one layer) moves "
+        "at --lr times its own RMS at the start (relative steps: a key/value prompt's parts differ "
+        "up to 10x in scale)", LR_SCALES))
     weight_decay: float = field(default=1e-5, metadata=_help("AdamW weight decay"))
     warmup_steps: int | None = field(default=None, metadata=_help("linear warmup steps (default "
                                                                  "min(500, steps/10))"))

@@ -102,6 +102,11 @@ class SoftPrompt(ABC):
     def peft_config(self, model_config: Any, base_model: str) -> Any:
         """The PEFT adapter config that loads this prompt's tensor."""
 
+    def part_rms(self) -> torch.Tensor:
+        """The root mean square of each part of the prompt, broadcast to ``[1, width]``: one part
+        here (the whole tensor); kinds with parts of their own say which."""
+        return self.tensor.detach().float().pow(2).mean().sqrt().expand(1, self.tensor.shape[1])
+
     def with_tensor(self, tensor: torch.Tensor) -> SoftPrompt:
         """The same kind and shape of prompt holding ``tensor`` (e.g. a trainable parameter)."""
         return type(self)(tensor, **self._shape())
@@ -168,6 +173,13 @@ class KVPrompt(SoftPrompt):
         keys = [grid[:, layer, 0].transpose(0, 1) for layer in range(g.layers)]
         values = [grid[:, layer, 1].transpose(0, 1) for layer in range(g.layers)]
         return keys, values
+
+    def part_rms(self) -> torch.Tensor:
+        """Per layer, the RMS of its keys and of its values, broadcast to ``[1, width]``."""
+        g = self.geometry
+        grid = self.tensor.detach().float().view(self.num_virtual_tokens, g.layers, 2, g.kv_heads * g.head_dim)
+        rms = grid.pow(2).mean(dim=(0, 3), keepdim=True).sqrt()  # [1, layers, 2, 1]
+        return rms.expand(1, g.layers, 2, g.kv_heads * g.head_dim).reshape(1, -1)
 
     @staticmethod
     def flatten(keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:

@@ -135,7 +135,11 @@ def lr_factor(schedule: str, steps: int, warmup: int):
 
 @dataclass
 class TrainState:
-    """Everything a run carries from step to step, and writes into a checkpoint."""
+    """Everything a run carries from step to step, and writes into a checkpoint.
+
+    The optimiser works on ``prompt``; the prompt itself is ``prompt x scale`` (:meth:`value`):
+    ``scale`` is 1 for absolute steps and each part's RMS at the start for ``lr_scale part-rms``,
+    so Adam's steps of about ``lr`` become steps of ``lr`` times that part's scale."""
 
     prompt: nn.Parameter
     optimizer: torch.optim.Optimizer
@@ -146,15 +150,24 @@ class TrainState:
     best: dict[str, Any] = field(default_factory=lambda: {"val_ppl": math.inf, "step": 0})
     best_prompt: torch.Tensor | None = None
     step: int = 0
+    scale: torch.Tensor | None = None  # None: 1
 
     @classmethod
     def new(cls, prompt: torch.Tensor, config: PromptConfig, steps: int, warmup: int,
-            settings: dict[str, Any]) -> TrainState:
-        """A fresh run from ``prompt`` (kept as a float32 parameter whatever the model's dtype)."""
-        param = nn.Parameter(prompt.float())
+            settings: dict[str, Any], scale: torch.Tensor | None = None) -> TrainState:
+        """A fresh run from ``prompt`` (kept as a float32 parameter whatever the model's dtype),
+        optimised as ``prompt / scale`` when a ``scale`` (``[1, width]``, positive) is given."""
+        start = prompt.float()
+        if scale is not None:
+            scale = scale.float().clamp(min=1e-8).to(start.device)
+        param = nn.Parameter(start if scale is None else start / scale)
         optimizer = torch.optim.AdamW([param], lr=config.lr, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, steps, warmup))
-        return cls(param, optimizer, scheduler, settings, best_prompt=param.detach().clone())
+        return cls(param, optimizer, scheduler, settings, best_prompt=start.detach().clone(), scale=scale)
+
+    def value(self) -> torch.Tensor:
+        """The prompt tensor now (differentiable with respect to :attr:`prompt`)."""
+        return self.prompt if self.scale is None else self.prompt * self.scale
 
     def save(self, folder: Path) -> None:
         """Write a resumable checkpoint into ``folder`` (atomically)."""

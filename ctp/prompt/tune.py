@@ -265,7 +265,7 @@ def _train(copies: list[_Copy], objective: Objective, template: SoftPrompt, stat
         loss_sum = torch.zeros((), dtype=torch.float64)
         for copy in copies:
             copy.model.train(config.dropout)
-        prompt = template.with_tensor(state.prompt)
+        prompt = template.with_tensor(state.value())
         for micro in range(config.grad_accum):
             base = step * per_step + (micro * procs.world + procs.rank) * config.batch_size
             batch = torch.stack([sample(base + j) for j in range(config.batch_size)]).to(device)
@@ -299,14 +299,14 @@ def _train(copies: list[_Copy], objective: Objective, template: SoftPrompt, stat
         postfix = {"loss": f"{train_loss:.4f}", "best val ppl": f"{state.best['val_ppl']:.3f}"}
         if done % config.eval_every == 0 or done == steps:
             eval_started = time.time()
-            val_ppl = _validate(copies, data.val_windows, template.with_tensor(state.prompt.detach()),
+            val_ppl = _validate(copies, data.val_windows, template.with_tensor(state.value().detach()),
                                 config.batch_size, procs)
             eval_seconds += time.time() - eval_started
             state.history["eval_step"].append(done)
             state.history["val_ppl"].append(val_ppl)
             if val_ppl < state.best["val_ppl"]:
                 state.best = {"val_ppl": val_ppl, "step": done}
-                state.best_prompt = state.prompt.detach().clone()
+                state.best_prompt = state.value().detach().clone()
             postfix["val ppl"] = f"{val_ppl:.3f}"
         bar.set_postfix(postfix, refresh=False)
         if work is not None and done % config.save_every == 0 and done < steps:
@@ -388,7 +388,8 @@ def tune_prompt(
                 "model_identity": [[c.record.get("base_fingerprint"), c.record.get("compression")]
                                    for c in copies],
                 "teacher": None if teacher is None else teacher.name}
-    state = TrainState.new(start.tensor.to(input_device(first.model)), config, steps, warmup, settings)
+    state = TrainState.new(start.tensor.to(input_device(first.model)), config, steps, warmup, settings,
+                           scale=start.part_rms() if config.lr_scale == "part-rms" else None)
     if resume:
         state.resume(work)
         log.info("resuming at step %d of %d", state.step, steps)

@@ -165,3 +165,67 @@ def test_the_card_of_a_kv_prompt_says_which_kind(kv_prompt):
     assert "key/value prompt: a PEFT prefix-tuning adapter" in card and "prefix-tuning" in card
     assert "2 layers x 2 key/value heads x head size 16" in card and "no positions" in card
     assert "drop them before reading logits" not in card
+
+
+def test_part_rms_steps_move_each_part_of_a_prompt_by_lr_times_its_own_scale(tmp_path, tiny_dir, tokenizer):
+    """``--lr-scale part-rms``: each part (input prompt: all of it; key/value prompt: one layer's
+    keys, or its values) has its RMS at the start as its scale, computed here by hand from the
+    per-layer keys and values; Adam's first step (about lr per value) then moves every value by
+    lr times its part's scale; and a run with it trains, records it, and resumes to the bit."""
+    from ctp import PromptConfig
+    from ctp.prompt.kinds import InputPrompt, KVGeometry, KVPrompt
+    from ctp.prompt.state import TrainState
+    from ctp.prompt.tune import tune_prompt
+
+    g = torch.Generator().manual_seed(0)
+    geometry = KVGeometry(layers=3, kv_heads=2, head_dim=4)
+    spread = torch.tensor([0.1, 1.0, 5.0, 0.3, 2.0, 20.0])  # layer 0 keys, values, layer 1 keys, ...
+    grid = torch.randn(5, 3, 2, 2, 4, generator=g) * spread.view(1, 3, 2, 1, 1)
+    prompt = KVPrompt(grid.reshape(5, -1), geometry)
+    keys, values = prompt.keys_values()
+    by_hand = torch.stack([torch.stack([k.pow(2).mean().sqrt(), v.pow(2).mean().sqrt()])
+                           for k, v in zip(keys, values)])  # [layers, 2]
+    scale = prompt.part_rms()
+    assert scale.shape == (1, geometry.width)
+    torch.testing.assert_close(scale.view(3, 2, 8), by_hand.unsqueeze(-1).expand(3, 2, 8))
+    flat = torch.randn(4, 6, generator=g) * 3
+    torch.testing.assert_close(InputPrompt(flat).part_rms(), flat.pow(2).mean().sqrt().expand(1, 6))
+
+    config = PromptConfig(lr=0.01, weight_decay=0.0, lr_scale="part-rms")
+    state = TrainState.new(prompt.tensor, config, steps=10, warmup=1, settings={}, scale=scale)
+    torch.testing.assert_close(state.value().detach(), prompt.tensor)
+    weights = 1 + torch.rand(prompt.tensor.shape, generator=g)
+    (state.value() * weights).sum().backward()
+    state.optimizer.step()
+    moved = prompt.tensor - state.value().detach()  # every gradient positive: every value moved down
+    torch.testing.assert_close(moved, 0.01 * scale.expand_as(moved), rtol=1e-4, atol=0)
+
+    common = dict(prompt_type="kv", objective="nll", num_virtual_tokens=3, init="window", steps=6, lr=0.05,
+                  lr_scale="part-rms", seqlen=32, batch_size=2, eval_every=2, eval_windows=4, device="cpu",
+                  save_every=2)
+    data = dict(train_ids=ids_of(1, 3000, 3).flatten(), val_ids=ids_of(1, 600, 4).flatten(), tokenizer=tokenizer,
+                progress=False)
+    model = str(tiny_dir("llama"))
+    straight = tune_prompt(model, PromptConfig(**common), tmp_path / "a", **data)
+    assert straight.meta["prompt_config"]["lr_scale"] == "part-rms"
+    assert len(set(straight.meta["history"]["val_ppl"])) == 4  # the prompt moved at every step
+    # interrupted at step 6's validation (the checkpoint of step 4 kept), then resumed: the same prompt
+    import ctp.prompt.tune as tune_module
+
+    real, calls = tune_module._validate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # bare, start, steps 2 and 4 done; step 6's
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    tune_module._validate = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tune_prompt(model, PromptConfig(**common), tmp_path / "b", **data)
+    finally:
+        tune_module._validate = real
+    resumed = tune_prompt(model, PromptConfig(**common), tmp_path / "b", resume=True, **data)
+    assert torch.equal(resumed.prompt, straight.prompt)
+    assert resumed.meta["history"]["val_ppl"] == straight.meta["history"]["val_ppl"]
