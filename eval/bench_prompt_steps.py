@@ -202,6 +202,9 @@ def main() -> None:
         "step_seconds": secs,
         "step_ratio_vs_whole": {v: secs[v] / secs["whole"] for v in variants if "whole" in secs},
         "step_ratio_vs_nll_input": {v: secs[v] / secs["nll-input"] for v in variants if "nll-input" in secs},
+        # a distillation step against the next-token step of the same kind (and checkpointing)
+        "step_ratio_kd_vs_nll_same_kind": {v: secs[v] / secs["nll" + v[2:]] for v in variants
+                                           if v.startswith("kd") and "nll" + v[2:] in secs},
         "peak_rss_bytes": memory,
         "load_only_peak_rss_bytes": _load_rss(args)["peak_rss_bytes"],
         "eval": {"batch_size": args.batch_size, "seqlen": args.seqlen, "windows": args.eval_windows,
@@ -214,10 +217,13 @@ def main() -> None:
     lines = [f"Prompt-training step on `{args.target}` (teacher `{args.model}`), {result['batch']}, "
              f"{args.threads} threads, median of {args.steps} steps interleaved in one process; peak RSS "
              "of each variant alone in a fresh process.", "",
-             "| variant | step (s) | vs whole logits | vs nll-input | peak RSS (GB) |", "|---|---:|---:|---:|---:|"]
+             "| variant | step (s) | vs whole logits | vs nll-input | kd vs nll, same kind | peak RSS (GB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    same = result["step_ratio_kd_vs_nll_same_kind"]
     for v in variants:
         lines.append(f"| {v} | {secs[v]:.2f} | {result['step_ratio_vs_whole'].get(v, float('nan')):.3f} | "
-                     f"{result['step_ratio_vs_nll_input'].get(v, float('nan')):.3f} | {memory[v] / gb:.2f} |")
+                     f"{result['step_ratio_vs_nll_input'].get(v, float('nan')):.3f} | "
+                     f"{f'{same[v]:.3f}' if v in same else ''} | {memory[v] / gb:.2f} |")
     lines += ["", f"Loading the target alone: {result['load_only_peak_rss_bytes'] / gb:.2f} GB; `ctp eval "
               f"--batch-size {args.batch_size} --seqlen {args.seqlen}` ({args.eval_windows} windows): "
               f"{result['eval']['peak_rss_bytes'] / gb:.2f} GB."]

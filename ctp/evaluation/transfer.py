@@ -57,6 +57,14 @@ def prompt_label(prompt_dir: str) -> str:
     return f"{kind}{meta['num_virtual_tokens']}{'' if objective == 'nll' else '-' + objective}@{trained_on}"
 
 
+def _distinct(labels: dict[str, str]) -> dict[str, str]:
+    """Short names, except that folders whose short names coincide (two copies of one method
+    with other calibration seeds; two prompts of one kind with other learning rates) are named
+    by their folder names."""
+    names = list(labels.values())
+    return {k: (Path(k).name if names.count(v) > 1 else v) for k, v in labels.items()}
+
+
 class CellCache:
     """Finished cells of transfer matrices, one JSON object a line: what each cell's perplexity
     depends on -- the model's files (names, sizes, modification times: a model compressed again
@@ -153,10 +161,8 @@ def transfer(
         raise CTPError("give at least one prompt and one model")
     tensors = {p: load_prompt(p) for p in prompts}  # every artifact read and checked
     metas = {p: read_prompt_meta(p) for p in prompts}  # before any model is evaluated
-    labels = {m: model_label(m) for m in models}
-    for m in models:  # two copies of one method (another calibration seed, say): their folder names
-        if list(labels.values()).count(labels[m]) > 1:
-            labels = {k: (Path(k).name if v == labels[m] else v) for k, v in labels.items()}
+    labels = _distinct({m: model_label(m) for m in models})
+    prompt_labels = _distinct({p: prompt_label(p) for p in prompts})
     if dense is None:
         first = read_compression_meta(models[0]) if Path(models[0]).is_dir() else None
         if first is None:
@@ -219,7 +225,7 @@ def transfer(
         "data": source_label(data), "split": split, "seqlen": seqlen, "bos": bos,
         "dense": {"model": dense, "ppl": dense_ppl},
         "models": rows,
-        "prompts": [{"prompt": p, "label": prompt_label(p), "trained_on": metas[p].get("model"),
+        "prompts": [{"prompt": p, "label": prompt_labels[p], "trained_on": metas[p].get("model"),
                      "prompt_type": tensors[p].kind,
                      "num_virtual_tokens": tensors[p].num_virtual_tokens} for p in prompts],
         "cells": cells,

@@ -125,6 +125,17 @@ def test_transfer_cache_reuses_unchanged_cells_and_redoes_changed_ones(family, t
     assert transfer([str(prompt)], [family["a"], family["b"]], cache=cache, **args) == uncached
 
 
+def test_prompts_of_one_label_are_named_by_their_folders(family, tmp_path):
+    import shutil
+
+    shutil.copytree(family["prompt"], tmp_path / "lr-0.1")
+    result = transfer([family["prompt"], str(tmp_path / "lr-0.1")], [family["a"]], data="embedded", seqlen=32,
+                      max_windows=2, progress=False)
+    assert [p["label"] for p in result["prompts"]] == ["prompt", "lr-0.1"]
+    alone = transfer([family["prompt"]], [family["a"]], data="embedded", seqlen=32, max_windows=2, progress=False)
+    assert alone["prompts"][0]["label"].startswith("p4@")  # a unique label stays short
+
+
 def test_mismatched_hidden_size_and_tokenizer_are_refused(family, tmp_path, capfd, tokenizer):
     import transformers as tf
 
