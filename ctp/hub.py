@@ -95,7 +95,8 @@ def _public(name: Any, recorded_local: bool | None = None) -> Any:
 # ``prompt`` (ctp_prompt.json, ctp_stitch.json, ctp_compression.json), ``calib`` / ``data`` /
 # ``val_data`` (the configs) and ``source`` (calibration / training / validation records).
 PATH_KEYS = frozenset({"base_model_name_or_path", "_name_or_path", "name_or_path", "model",
-                       "base_model", "prompt", "calib", "data", "val_data", "source", "teacher"})
+                       "base_model", "prompt", "calib", "data", "val_data", "source", "teacher",
+                       "teacher_cache"})
 
 
 def publish_paths(obj: Any, key: str | None = None, recorded_local: bool | None = None) -> Any:

@@ -21,6 +21,7 @@ interrupted prompt run resumes from its checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -156,7 +157,13 @@ def _done_prompt(folder: Path, config: PromptConfig, targets: list[str]) -> bool
     if not made:
         return False
     records = made.get("targets") or [made]
-    if made.get("prompt_config") != to_dict(config) or len(records) != len(targets):
+    try:  # settings a prompt was made before were added take their defaults
+        recorded = to_dict(from_dict(PromptConfig, made.get("prompt_config") or {}))
+    except CTPError:
+        return False
+    # where the teacher's cache lives changes nothing
+    if {**recorded, "teacher_cache": None} != {**to_dict(config), "teacher_cache": None} \
+            or len(records) != len(targets):
         return False
     for record, target in zip(records, targets):
         target_meta = read_compression_meta(target) if Path(target).is_dir() else None
@@ -183,6 +190,10 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     prompts: dict[str, str] = {}
     for name, step in recipe.prompts.items():
         folder = recipe.workdir / "prompts" / name
+        if step.config.teacher_cache and not Path(step.config.teacher_cache).is_absolute():
+            # a recipe's teacher cache lives in its workdir (one per study, shared by its cells)
+            step = PromptStep(step.target, dataclasses.replace(
+                step.config, teacher_cache=str(recipe.workdir / step.config.teacher_cache)))
         targets = [recipe.model if t == "dense" else models[t] for t in step.targets]
         if _done_prompt(folder, step.config, targets):
             log.info("tune-prompt %s: done already, skipping", name)

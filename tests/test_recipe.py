@@ -126,6 +126,13 @@ def test_a_prompt_is_retuned_when_its_target_changes(tmp_path, tiny_dir, monkeyp
     monkeypatch.setattr(recipe_mod, "tune_prompt", lambda *a, **k: calls.append(a) or real(*a, **k))
     run_recipe(load_recipe(path), progress=False)
     assert calls == []  # nothing changed
+    # a prompt made before a setting existed (its default then) and a teacher cache moved: still done
+    meta_path = tmp_path / "work" / "prompts" / "p" / "ctp_prompt.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["prompt_config"]["lr_scale"], meta["prompt_config"]["teacher_cache"]
+    meta_path.write_text(json.dumps(meta))
+    run_recipe(load_recipe(path, ["prompts.p.config.teacher_cache=cache"]), progress=False)
+    assert calls == []
     result = run_recipe(load_recipe(path, ["compress.m.sparsity=0.75"]), progress=False)
     assert len(calls) == 1  # the target changed: its prompt is tuned again
     assert result["prompts"][0]["label"] == "kv2-kd@magnitude-75%"  # the defaults: distilled, keys and values

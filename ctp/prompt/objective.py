@@ -14,27 +14,105 @@ teacher.
 Losses are per token, averaged over every scored token of the batch, and go through the output
 heads a chunk of tokens at a time (:mod:`ctp.head`): neither the student's nor the teacher's
 logits ever exist whole.
+
+The teacher's side of a window never changes (no prompt, no gradient), so a
+:class:`TeacherCache` can keep what its layers compute -- the final hidden states, not the
+logits -- for every window it has read; a later run on the same windows (another cell of a
+study, another learning rate, another target of the same base) then runs only the teacher's
+output head.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CTPError
 from ..head import kl_fn, mixed_fn, nll_fn, output_head, per_token_losses
 from ..lm import PromptCache, hidden_states
+from ..models import weights_fingerprint
+
+CACHE_FORMAT = 1  # bump when what a cache entry holds changes
+
+
+class TeacherCache:
+    """The teacher's final hidden states (what its output head reads, at the scored positions)
+    of every window it has read, one float32 safetensors file per window, under a subfolder
+    named by the teacher's identity: its weights' fingerprint, the dtype and kind of device it
+    computes in, and the BOS id before its windows (None: none). A window's file is named by the
+    sha256 of its token ids. Entries are written atomically; a damaged one is recomputed.
+
+    A cached batch equals a computed one to within float32 rounding (the layers may have run
+    with another batch composition when it was written), not to the bit."""
+
+    def __init__(self, folder: str | os.PathLike, model: nn.Module, bos: int | None) -> None:
+        weight = model.get_input_embeddings().weight
+        identity = {"format": CACHE_FORMAT, "teacher": weights_fingerprint(model), "dtype": str(weight.dtype),
+                    "device": weight.device.type, "bos": bos}
+        self.folder = Path(folder) / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        marker = self.folder / "teacher.json"
+        if not marker.exists():
+            marker.write_text(json.dumps(identity, indent=1) + "\n")
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _key(window: torch.Tensor) -> str:
+        return hashlib.sha256(window.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()
+
+    def get(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """The cached ``[batch, T - 1, hidden]`` for every window of ``batch``, or None if any
+        window is missing."""
+        rows = []
+        for window in batch:
+            path = self.folder / f"{self._key(window)}.safetensors"
+            try:
+                rows.append(load_file(path)["hidden"])
+            except Exception:  # absent, or cut short by an interrupted write: computed again
+                self.misses += 1
+                return None
+        self.hits += 1
+        return torch.stack(rows)
+
+    def put(self, batch: torch.Tensor, hidden: torch.Tensor) -> None:
+        for window, row in zip(batch, hidden):
+            path = self.folder / f"{self._key(window)}.safetensors"
+            if path.exists():
+                continue
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({"hidden": row.detach().float().cpu().contiguous()}, tmp)
+            os.replace(tmp, path)
 
 
 @dataclass
 class Teacher:
-    """The model distillation follows, and what stands before its windows (BOS or nothing)."""
+    """The model distillation follows, what stands before its windows (BOS or nothing), and
+    optionally a cache of what its layers compute."""
 
     model: nn.Module
     context: PromptCache | None
     name: str
+    cache: TeacherCache | None = None
+
+    def hidden(self, batch: torch.Tensor) -> torch.Tensor:
+        """The teacher's final hidden states at the scored positions, ``[batch, T - 1, hidden]``,
+        without gradients."""
+        if self.cache is not None:
+            cached = self.cache.get(batch)
+            if cached is not None:
+                return cached.to(self.model.get_input_embeddings().weight.device)
+        with torch.no_grad():
+            taught = hidden_states(self.model, batch.to(_device_of(self.model)), self.context)[:, :-1]
+        if self.cache is not None:
+            self.cache.put(batch, taught)
+        return taught
 
 
 @dataclass
@@ -67,9 +145,7 @@ class Objective:
         parts = [(w_nll, nll_fn(head, batch[:, 1:].reshape(-1).to(flat.device)))]
         if w_kd:
             teacher = self.teacher
-            with torch.no_grad():
-                taught = hidden_states(teacher.model, batch.to(_device_of(teacher.model)),
-                                       teacher.context)[:, :-1]
+            taught = teacher.hidden(batch)
             parts.append((w_kd, kl_fn(head, output_head(teacher.model),
                                       taught.reshape(-1, taught.shape[-1]))))
         return per_token_losses(flat, mixed_fn(parts), head.chunk_tokens()).mean()

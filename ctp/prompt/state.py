@@ -69,9 +69,9 @@ def work_dir(out: str | os.PathLike) -> Path:
 
 def run_settings(config: PromptConfig) -> dict[str, Any]:
     """The settings a resumed run must share with the checkpoint (not how often it logs or saves,
-    nor where or how memory-thriftily it runs)."""
+    nor where or how memory-thriftily it runs, nor where it keeps the teacher's cache)."""
     settings = to_dict(config)
-    for key in ("save_every", "device", "gradient_checkpointing"):
+    for key in ("save_every", "device", "gradient_checkpointing", "teacher_cache"):
         settings.pop(key)
     return settings
 

@@ -45,7 +45,7 @@ from ..models import (check_supported, checkpoint_layers, load_any, load_tokeniz
 from ..plots import plot_training_curve
 from ..runtime import autocast_for, disable_cpu_packing_, resolve_device
 from .kinds import SoftPrompt, context_of, initial_prompt
-from .objective import Objective, Teacher
+from .objective import Objective, Teacher, TeacherCache
 from .state import Processes, TrainState, init_prompt, run_settings, work_dir
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,8 @@ def tune_prompt(
         dense, dense_name = _dense_base(config, first, procs.device)
         dense_bos = bos_token(config.bos, dense.config, tokenizer)
         if config.objective != "nll":
-            teacher = Teacher(dense, context_of(dense, None, dense_bos), dense_name)
+            cache = TeacherCache(config.teacher_cache, dense, dense_bos) if config.teacher_cache else None
+            teacher = Teacher(dense, context_of(dense, None, dense_bos), dense_name, cache)
         if config.prompt_type == "kv" and config.init_model == "dense":
             init_model = dense
     objective = Objective(config.objective, config.kd_weight, teacher)
@@ -443,6 +444,8 @@ def _prompt_meta(config: PromptConfig, copies: list[_Copy], teacher: Teacher | N
         **start.record(),
         "objective": config.objective,
         "teacher": None if teacher is None else teacher.name,
+        **({"teacher_cache_batches": {"read": teacher.cache.hits, "computed": teacher.cache.misses}}
+           if teacher is not None and teacher.cache is not None else {}),
         "bos_token_id": copies[0].bos,
         "prompt_config": to_dict(config),
         "seqlen": data.seqlen,

@@ -154,3 +154,42 @@ def test_kl_chunk_loss_and_gradient_equal_autograd_through_the_textbook_formula(
     torch.testing.assert_close(grad.double(), h.grad, rtol=1e-4, atol=1e-6)
     with torch.no_grad():  # without gradients: the same values, nothing kept for a backward pass
         torch.testing.assert_close(per_token_losses(hidden.detach(), kl_fn(head, head, taught), 8), got.detach())
+
+
+def test_teacher_cache_serves_a_second_run_without_running_the_teacher(tmp_path, tiny_dir, tokenizer, monkeypatch):
+    """--teacher-cache: the first kd run writes one entry per training window it reads; a second
+    run on the same windows reads every batch (the teacher's layers never run: hidden_states is
+    called for the student only) and learns the same prompt; a damaged entry is recomputed; the
+    folder is not part of a run's identity (resume, recipes)."""
+    from ctp import CompressConfig, PromptConfig
+    from ctp.compression.pipeline import compress
+    from ctp.prompt import objective as objective_module
+    from ctp.prompt.state import run_settings
+    from ctp.prompt.tune import tune_prompt
+
+    base = str(tiny_dir("llama"))
+    compress(base, CompressConfig(prune="wanda", quant="nf4", rounding="rtn", device="cpu"), tmp_path / "c",
+             calibration=calib_ids(4, 32), progress=False)
+    cache = tmp_path / "cache"
+    config = PromptConfig(objective="kd", prompt_type="kv", num_virtual_tokens=3, steps=3, lr=0.05, seqlen=32,
+                          batch_size=2, eval_every=3, eval_windows=4, device="cpu", teacher_cache=str(cache))
+    data = dict(train_ids=ids_of(1, 3000, 7).flatten(), val_ids=ids_of(1, 600, 8).flatten(), tokenizer=tokenizer,
+                progress=False)
+    plain = tune_prompt(str(tmp_path / "c"), PromptConfig(**{**config.__dict__, "teacher_cache": None}), **data)
+    first = tune_prompt(str(tmp_path / "c"), config, **data)
+    assert first.meta["teacher_cache_batches"] == {"read": 0, "computed": 3}
+    entries = sorted(cache.glob("*/*.safetensors"))
+    assert len(entries) == 3 * 2 and len(list(cache.glob("*/teacher.json"))) == 1
+    assert torch.equal(first.prompt, plain.prompt)  # computing and writing changes nothing
+
+    calls = []
+    real = objective_module.hidden_states
+    monkeypatch.setattr(objective_module, "hidden_states", lambda model, *a: calls.append(model) or real(model, *a))
+    second = tune_prompt(str(tmp_path / "c"), config, **data)
+    assert second.meta["teacher_cache_batches"] == {"read": 3, "computed": 0}
+    assert len(calls) == 3 and all(m is calls[0] for m in calls)  # the student, once a step
+    torch.testing.assert_close(second.prompt, first.prompt, rtol=1e-5, atol=1e-6)
+    entries[0].write_bytes(b"damaged")
+    third = tune_prompt(str(tmp_path / "c"), config, **data)
+    assert third.meta["teacher_cache_batches"]["computed"] == 1
+    assert run_settings(config) == run_settings(PromptConfig(**{**config.__dict__, "teacher_cache": "elsewhere"}))
