@@ -14,7 +14,10 @@ train split, ``--tokens`` virtual tokens, BOS by the rule):
 - ``kd-input``: distillation from the dense base (``--model``), the teacher run on the same windows;
 - ``nll-kv``, ``kd-kv``: the same with a key/value prompt;
 - any of these with ``+ckpt`` (e.g. ``nll-input+ckpt``): under ``--gradient-checkpointing``
-  (each decoder layer recomputed in the backward pass instead of its activations stored).
+  (each decoder layer recomputed in the backward pass instead of its activations stored);
+- ``kd-input+cache``, ``kd-kv+cache``: distillation with a warm ``--teacher-cache`` (the warm-up
+  round writes the teacher's hidden states of the batch; the timed rounds read them and run only
+  the teacher's output head).
 
 Time: every variant runs ``--steps`` steps after one warm-up, interleaved round-robin in ONE
 process, and the median step is reported, with ratios against ``whole`` and ``nll-input``
@@ -35,6 +38,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,7 +74,7 @@ def _step_functions(args, model, tokenizer, bos, batch, variants):
     from ctp.config import PromptConfig
     from ctp.models import checkpoint_layers, load_any
     from ctp.prompt.kinds import context_of, initial_prompt
-    from ctp.prompt.objective import Objective, Teacher
+    from ctp.prompt.objective import Objective, Teacher, TeacherCache
     from ctp.prompt.state import init_prompt
 
     embed = model.get_input_embeddings()
@@ -102,7 +106,11 @@ def _step_functions(args, model, tokenizer, bos, batch, variants):
         objective_name, kind = base.split("-")
         soft = initial_prompt(kind, start, model, model, bos)
         param = torch.nn.Parameter(soft.tensor.clone())
-        objective = Objective(objective_name, 0.5, teacher if objective_name == "kd" else None)
+        taught = teacher
+        if flag == "cache":  # the warm-up round writes the teacher's hidden states, timed rounds read them
+            taught = Teacher(teacher.model, teacher.context, teacher.name,
+                             TeacherCache(tempfile.mkdtemp(prefix="ctp-bench-teacher-"), teacher.model, bos))
+        objective = Objective(objective_name, 0.5, taught if objective_name == "kd" else None)
 
         def step(param=param, soft=soft, objective=objective, ckpt=flag == "ckpt"):
             with checkpoint_layers(model) if ckpt else contextlib.nullcontext():
@@ -132,6 +140,12 @@ def child(args) -> None:
     print(json.dumps({"seconds": {v: statistics.median(t) for v, t in times.items()},
                       "all_seconds": times,
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def _nll_of(variant: str) -> str:
+    """The next-token variant a distillation variant compares with: same kind, same checkpointing
+    (a teacher cache has no next-token counterpart: it compares with the plain step)."""
+    return "nll" + variant[2:].removesuffix("+cache")
 
 
 def _run(argv: list[str]) -> dict:
@@ -188,10 +202,11 @@ def main() -> None:
               "--seqlen", str(args.seqlen), "--tokens", str(args.tokens), "--threads", str(args.threads),
               "--child"]
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS and not (v.endswith("+ckpt") and v[:-5] in VARIANTS[1:5])]
+    unknown = [v for v in variants if v not in VARIANTS and not (v.endswith("+ckpt") and v[:-5] in VARIANTS[1:5])
+               and not (v.endswith("+cache") and v[:-6] in ("kd-input", "kd-kv"))]
     if unknown:
         p.error(f"unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS[:5])}, each but whole "
-                "optionally with +ckpt")
+                "optionally with +ckpt, a kd variant with +cache")
     timing = _run([*common, "--variants", args.variants, "--steps", str(args.steps)])
     memory = {v: _run([*common, "--variants", v, "--steps", "1"])["peak_rss_bytes"] for v in variants}
     secs = timing["seconds"]
@@ -203,8 +218,8 @@ def main() -> None:
         "step_ratio_vs_whole": {v: secs[v] / secs["whole"] for v in variants if "whole" in secs},
         "step_ratio_vs_nll_input": {v: secs[v] / secs["nll-input"] for v in variants if "nll-input" in secs},
         # a distillation step against the next-token step of the same kind (and checkpointing)
-        "step_ratio_kd_vs_nll_same_kind": {v: secs[v] / secs["nll" + v[2:]] for v in variants
-                                           if v.startswith("kd") and "nll" + v[2:] in secs},
+        "step_ratio_kd_vs_nll_same_kind": {v: secs[v] / secs[_nll_of(v)] for v in variants
+                                           if v.startswith("kd") and _nll_of(v) in secs},
         "peak_rss_bytes": memory,
         "load_only_peak_rss_bytes": _load_rss(args)["peak_rss_bytes"],
         "eval": {"batch_size": args.batch_size, "seqlen": args.seqlen, "windows": args.eval_windows,
