@@ -258,10 +258,10 @@ class PromptConfig:
     teacher: str | None = field(default=None, metadata=_help(
         "kd: the teacher model (default: the dense base named in the target's ctp_compression.json)"))
     teacher_cache: str | None = field(default=None, metadata=_help(
-        "kd: a folder keeping the teacher's final hidden states of every training window it reads "
-        "(float32, seqlen x hidden x 4 bytes a window); a later run on the same windows with the "
-        "same teacher reads them and runs only the teacher's output head (a study's cells, a "
-        "sweep). Results equal to within float32 rounding"))
+        "kd: a folder keeping the teacher's final hidden states of every training window it "
+        "reads (in the teacher's dtype; float32: seqlen x hidden x 4 bytes a window); a later run "
+        "on the same windows with the same teacher reads them and runs only the teacher's output "
+        "head (a study's cells, a sweep). Results equal to within float32 rounding"))
     init: str = field(
         default="window",
         metadata=_help("initialisation: vocab (the first n embedding rows, as the paper), "

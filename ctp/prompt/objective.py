@@ -44,7 +44,8 @@ CACHE_FORMAT = 1  # bump when what a cache entry holds changes
 
 class TeacherCache:
     """The teacher's final hidden states (what its output head reads, at the scored positions)
-    of every window it has read, one float32 safetensors file per window, under a subfolder
+    of every window it has read, one safetensors file per window (in the dtype the teacher
+    computes in), under a subfolder
     named by the teacher's identity: its weights' fingerprint, the dtype and kind of device it
     computes in, and the BOS id before its windows (None: none). A window's file is named by the
     sha256 of its token ids. Entries are written atomically; a damaged one is recomputed.
@@ -87,7 +88,7 @@ class TeacherCache:
             if path.exists():
                 continue
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file({"hidden": row.detach().float().cpu().contiguous()}, tmp)
+            save_file({"hidden": row.detach().cpu().contiguous()}, tmp)
             os.replace(tmp, path)
 
 
@@ -107,7 +108,7 @@ class Teacher:
         if self.cache is not None:
             cached = self.cache.get(batch)
             if cached is not None:
-                return cached.to(self.model.get_input_embeddings().weight.device)
+                return cached.to(_device_of(self.model))
         with torch.no_grad():
             taught = hidden_states(self.model, batch.to(_device_of(self.model)), self.context)[:, :-1]
         if self.cache is not None:
