@@ -236,9 +236,9 @@ def main() -> None:
              "|---|---:|---:|---:|---:|---:|"]
     same = result["step_ratio_kd_vs_nll_same_kind"]
     for v in variants:
-        lines.append(f"| {v} | {secs[v]:.2f} | {result['step_ratio_vs_whole'].get(v, float('nan')):.3f} | "
-                     f"{result['step_ratio_vs_nll_input'].get(v, float('nan')):.3f} | "
-                     f"{f'{same[v]:.3f}' if v in same else ''} | {memory[v] / gb:.2f} |")
+        ratios = [result["step_ratio_vs_whole"].get(v), result["step_ratio_vs_nll_input"].get(v), same.get(v)]
+        lines.append(f"| {v} | {secs[v]:.2f} | " + " | ".join("" if r is None else f"{r:.3f}" for r in ratios)
+                     + f" | {memory[v] / gb:.2f} |")
     lines += ["", f"Loading the target alone: {result['load_only_peak_rss_bytes'] / gb:.2f} GB; `ctp eval "
               f"--batch-size {args.batch_size} --seqlen {args.seqlen}` ({args.eval_windows} windows): "
               f"{result['eval']['peak_rss_bytes'] / gb:.2f} GB."]
