@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -242,7 +243,8 @@ def main() -> None:
 def merge_runs(runs: list[dict], tags: list[str]) -> tuple[list[dict], dict, dict]:
     """One summary, transfer matrix and dense-counterpart table from several runs' results, which
     must have scored the same copies under the same protocol alike (else ValueError naming what
-    differs): rows of every run, prompt columns side by side, a prompt measured twice kept once."""
+    differs): rows of every run, prompt columns side by side (named by their recipe cells), a
+    prompt measured twice kept once."""
     first = runs[0]["transfer"]
     protocol = ("data", "split", "seqlen", "bos")
     windows = {run.get("max_windows") for run in runs}
@@ -273,7 +275,10 @@ def merge_runs(runs: list[dict], tags: list[str]) -> tuple[list[dict], dict, dic
         for j, prompt in enumerate(transfer_run["prompts"]):
             if prompt["prompt"] in {q["prompt"] for q in matrix["prompts"]}:
                 continue
-            matrix["prompts"].append(prompt)
+            # named by the cell; what it was trained for read off ctp's label (kind, n, -objective, @)
+            objective = re.match(r"^(?:kv|p)\d+(?:-([a-z+]+))?@", prompt["label"])
+            matrix["prompts"].append({**prompt, "label": Path(prompt["prompt"]).name,
+                                      "objective": (objective.group(1) or "nll") if objective else None})
             for i, row in enumerate(first["models"]):
                 matrix["cells"][i].append(transfer_run["cells"][order[row["label"]]][j])
         for row in run["summary"]:
@@ -282,6 +287,29 @@ def merge_runs(runs: list[dict], tags: list[str]) -> tuple[list[dict], dict, dic
                 summary.append(row)
         dense_rows.update(run.get("dense_prompted", {}))
     return summary, matrix, dense_rows
+
+
+def net_transfer_table(summary: list[dict], matrix: dict, dense_rows: dict) -> str:
+    """Markdown: every cell of the transfer matrix as a net share -- what the prompt does to a copy
+    beyond what the same recipe does to the dense model (a distillation prompt's counterpart is the
+    dense model itself; a prompt tuned on the dense model is its own). Blank where the study has
+    no counterpart for the prompt."""
+    dense = matrix["dense"]["ppl"]
+    counterpart = {Path(q["prompt"]).name: dense for q in matrix["prompts"] if q.get("objective") in ("kd", "start")}
+    counterpart.update({r["name"]: r["dense_prompted"] for r in summary if r.get("dense_prompted") is not None})
+    counterpart.update(dense_rows)
+    names = [Path(q["prompt"]).name for q in matrix["prompts"]]
+    lines = ["Net shares of each copy's gap: the same cells, less what each prompt's recipe does for the "
+             "dense model (blank: no dense counterpart measured).", "",
+             "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for row, cells in zip(matrix["models"], matrix["cells"]):
+        parts = [row["label"]]
+        for name, cell in zip(names, cells):
+            d = counterpart.get(name)
+            parts.append("" if d is None or "ppl" not in cell else
+                         f"{net_recovered(dense, row['ppl'], d, cell['ppl']) * 100:.0f}%")
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines)
 
 
 def write(stem: str, summary: list[dict], matrix: dict, dense_rows: dict, windows: int, results: Path) -> None:
@@ -300,7 +328,7 @@ def write(stem: str, summary: list[dict], matrix: dict, dense_rows: dict, window
     if dense_rows:
         lines += ["", "The dense model behind the prompts tuned on it: " + ", ".join(
             f"{n} {v:.3f}" for n, v in dense_rows.items()) + "."]
-    text = "\n".join(lines) + "\n\n" + transfer_table(matrix) + "\n"
+    text = "\n".join(lines) + "\n\n" + transfer_table(matrix) + "\n\n" + net_transfer_table(summary, matrix, dense_rows) + "\n"
     (results / f"{stem}.md").write_text(text)
     (results / f"{stem}.json").write_text(json.dumps({"summary": summary, "dense_prompted": dense_rows,
                                                       "max_windows": windows, "transfer": matrix}, indent=2) + "\n")
