@@ -87,22 +87,17 @@ def save_bytes(tensor: torch.Tensor) -> bytes:
     return save({"prompt_embeddings": tensor.contiguous()})
 
 
-def small_text(root):
-    path = root / "small.txt"
-    if not path.exists():
-        path.write_text("def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n\n" * 40)
-    return path
-
-
 def commands(root, out):
     model, prompt, pair = root / "model", root / "prompt", root / "pair"
+    # tune-prompt trains on a small file: the embedded corpus would be tokenized again for every damage (minutes)
+    text = root / "small.txt"
+    text.write_text("def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n\n" * 40)
     return {
         "eval": ["eval", str(model), "--ppl", "embedded", "--max-windows", "2", "--json"],
         "eval --prompt": ["eval", str(model), "--prompt", str(prompt), "--ppl", "embedded",
                           "--max-windows", "2", "--json"],
-        # a small text file: the embedded corpus would be tokenized again for every damage (minutes)
         "tune-prompt": ["tune-prompt", str(model), "--out", str(out), "--prompt-type", "input",
-                        "--objective", "nll", "--data", str(small_text(root)), "--val-data", str(small_text(root)),
+                        "--objective", "nll", "--data", str(text), "--val-data", str(text),
                         "--num-virtual-tokens", "2", "--steps", "1", "--seqlen", "32",
                         "--eval-windows", "2", "--json"],
         "stitch": ["stitch", str(prompt), str(model), "--ppl", "embedded", "--max-windows", "2",
