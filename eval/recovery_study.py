@@ -111,7 +111,8 @@ def main() -> None:
         paths = [results / (f"recovery-{args.preset}" + ("" if t == "-" else f"-{t}") + ".json") for t in tags]
         missing = [str(q) for q in paths if not q.exists()]
         if missing:
-            p.error(f"--merge: no results {', '.join(missing)}")
+            print(f"recovery_study: --merge: no results {', '.join(missing)}", file=sys.stderr)
+            sys.exit(2)
         try:
             summary, matrix, dense_rows = merge_runs([json.loads(q.read_text()) for q in paths], tags)
         except ValueError as exc:
