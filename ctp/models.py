@@ -123,6 +123,26 @@ def check_supported(name: str, trust_remote_code: bool = False) -> Any:
     return config
 
 
+def check_weight_files(name: str) -> None:
+    """Refuse a local model folder whose safetensors files are truncated or have a damaged header.
+
+    Reads only each file's header (milliseconds, whatever the model's size), so a command that
+    does minutes of work before loading the weights (tokenizing a training text) fails first.
+    Hub ids are left to the loader.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(resolve_model(name)).expanduser()
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as exc:
+            raise CTPError(f"cannot load model {name!r}: {path.name} is damaged ({_why(exc)})") from None
+
+
 def check_model_supported(model: nn.Module) -> None:
     """:func:`check_supported` for a model already in memory."""
     reason = unsupported_reason(model.config, model=model)

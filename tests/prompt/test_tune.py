@@ -214,6 +214,27 @@ def test_bad_inputs(tmp_path, tiny_dir, texts, capfd):
     assert list(exists.iterdir()) == []
 
 
+def test_damaged_weights_are_refused_before_the_text_is_tokenized(tmp_path, tiny_dir, texts, monkeypatch):
+    import shutil
+
+    from ctp.errors import CTPError
+    from ctp.prompt import tune
+
+    def tokenized(*args, **kwargs):
+        raise AssertionError("the training text was tokenized before the weights were checked")
+
+    monkeypatch.setattr(tune, "_prepare_data", tokenized)
+    good, bad = tiny_dir("llama"), tmp_path / "bad"
+    shutil.copytree(good, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    config = PromptConfig(data=str(texts / "train.txt"), val_data=str(texts / "val.txt"), steps=1, seqlen=32)
+    for models in (str(bad), [str(good), str(bad)]):  # alone, or any of several targets
+        with pytest.raises(CTPError, match="model.safetensors is damaged"):
+            tune_prompt(models, config, tmp_path / "p", progress=False)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.work").exists()
+
+
 def test_resume_with_different_settings_is_refused(tmp_path, tiny_dir, texts, capfd, monkeypatch):
     """A run interrupted after its first checkpoint resumes only with its own settings, and then
     ends exactly where an uninterrupted run ends."""
