@@ -137,8 +137,8 @@ def check_weight_files(name: str) -> None:
         return
     for path in sorted(folder.glob("*.safetensors")):
         try:
-            with safe_open(str(path), framework="pt"):
-                pass
+            with safe_open(str(path), framework="pt") as weights:  # parses and checks the header
+                weights.keys()
         except (OSError, SafetensorError) as exc:
             raise CTPError(f"cannot load model {name!r}: {path.name} is damaged ({_why(exc)})") from None
 

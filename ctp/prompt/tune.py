@@ -40,8 +40,8 @@ from ..config import PromptConfig, to_dict
 from ..data import SOURCE_NAMES, load_text, source_label, tokenize
 from ..errors import CTPError
 from ..lm import bos_token, input_device, model_context, spread_windows, window_nlls, windows_of
-from ..models import (check_supported, check_weight_files, checkpoint_layers, load_any, load_tokenizer, resolve_model,
-                      tokenizer_fingerprint, weights_fingerprint)
+from ..models import (check_supported, check_weight_files, checkpoint_layers, load_any, load_tokenizer,
+                      resolve_model, tokenizer_fingerprint, weights_fingerprint)
 from ..plots import plot_training_curve
 from ..runtime import autocast_for, disable_cpu_packing_, resolve_device
 from .kinds import SoftPrompt, context_of, initial_prompt
@@ -353,11 +353,11 @@ def tune_prompt(
     if config.batch_size % len(models):
         raise CTPError(f"batch_size {config.batch_size} must be a multiple of the number of targets "
                        f"({len(models)}): each micro-batch is split evenly among them")
-    # the text is tokenized before any model is loaded: a fast tokenizer's peak memory over a
-    # long training text (1.9 GB for the embedded split with Gemma's) never adds to the model's
     for name in models:  # damaged weights fail here, not after the text is tokenized
         if isinstance(name, str):
             check_weight_files(name)
+    # the text is tokenized before any model is loaded: a fast tokenizer's peak memory over a
+    # long training text (1.9 GB for the embedded split with Gemma's) never adds to the model's
     if isinstance(models[0], str):
         model_config = check_supported(models[0])
         tokenizer = tokenizer or load_tokenizer(models[0])
