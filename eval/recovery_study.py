@@ -308,7 +308,7 @@ def net_transfer_table(summary: list[dict], matrix: dict, dense_rows: dict) -> s
         for name, cell in zip(names, cells):
             d = counterpart.get(name)
             parts.append("" if d is None or "ppl" not in cell else
-                         f"{net_recovered(dense, row['ppl'], d, cell['ppl']) * 100:.0f}%")
+                         f"{net_recovered(dense, row['ppl'], d, cell['ppl']) * 100:.1f}%")
         lines.append("| " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
